@@ -1,0 +1,63 @@
+"""The `sailvl` command. Subcommands are thin: they parse flags and call library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args) -> int:
+    from .demo import run
+
+    rows = run(args.out, seed=args.seed)
+    return 0 if all(r["reload_exact"] for r in rows) else 1
+
+
+def _compose(args) -> int:
+    from .checkpoint.imports import compose
+
+    overrides = {}
+    if args.max_dynamic_patch is not None:
+        overrides["max_dynamic_patch"] = args.max_dynamic_patch
+    out = compose(args.vision, args.llm, args.out, select_layer=args.select_layer, seed=args.seed, **overrides)
+    print(f"wrote a SAIL-VL2 model directory to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sailvl", description="Train, serve and evaluate SAIL-VL2-style VLMs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="build, save, reload and generate from tiny models (CPU, seconds)")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+
+    conv = sub.add_parser("convert", help="checkpoint conversions")
+    conv_sub = conv.add_subparsers(dest="convert_command", metavar="KIND", required=True)
+    c = conv_sub.add_parser("compose", help="AIMv2 vision dir + Qwen3/Qwen3-MoE LLM dir -> SAIL-VL2 model dir")
+    c.add_argument("--vision", required=True, help="transformers AIMv2 directory (config.json + safetensors)")
+    c.add_argument("--llm", required=True, help="transformers Qwen3 or Qwen3-MoE directory with tokenizer files")
+    c.add_argument("--out", required=True, help="output SAIL-VL2 model directory")
+    c.add_argument("--select-layer", type=int, default=-1, help="ViT hidden state fed to the adapter (default -1)")
+    c.add_argument("--max-dynamic-patch", type=int, default=None, help="max tiles per image (default 10)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the adapter's random init")
+    c.set_defaults(func=_compose)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sailvl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: tokenizer (more of the pipeline arrives with the data issue)."""

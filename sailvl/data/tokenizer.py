@@ -1,0 +1,50 @@
+"""Tokenizers in the HF `tokenizer.json` format: load one from a model directory, or train a small
+byte-level BPE carrying every special token SAIL-VL2 uses (for tiny models trained from scratch).
+Special token ids are always read from the tokenizer, never hard-coded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>",
+                  "<IMG_CONTEXT>"]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    f = Path(path) / "tokenizer.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{path} has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"{f} is not a valid tokenizer.json: {e}") from None
+
+
+def token_id(tok: Tokenizer, token: str) -> int:
+    i = tok.token_to_id(token)
+    if i is None:
+        raise ValueError(f"the tokenizer has no {token!r} token")
+    return i
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
+    """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    decoder = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                         "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "bos_token": None, "model_max_length": 32768, "added_tokens_decoder": decoder}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok

@@ -1,0 +1,1 @@
+"""Model code: ViT -> adapter -> Qwen3 / Qwen3-MoE decoder, single-device plain PyTorch."""

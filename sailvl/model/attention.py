@@ -1,0 +1,119 @@
+"""The one attention function every layer calls, and the static KV cache.
+
+Letters: B batch, H query heads, G kv heads, L query length, S key length, K head dim, N packed tokens.
+
+`attention` covers the three cases the model needs:
+  - plain rows (optionally causal, optionally with a key padding mask for left-padded batches);
+  - packed rows: `cu_seqlens` (cumulative lengths, B == 1) gives block-diagonal attention so no sample
+    sees another; on CUDA with flash-attn installed this uses its varlen kernel;
+  - decoding with a KV cache: S > L, query i sits at absolute position S - L + i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU kernel
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except Exception:  # noqa: BLE001 - any import problem means "not available"
+    flash_attn_varlen_func = None
+
+
+def segment_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Segment index of each of n packed tokens, from cumulative lengths [0, l0, l0+l1, ..., n]."""
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {n}, got {cu_seqlens.tolist()}")
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(n, device=cu_seqlens.device), right=True)
+
+
+def build_mask(
+    L: int, S: int, *, causal: bool, cu_seqlens: torch.Tensor | None, key_mask_BS: torch.Tensor | None, device
+) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) broadcastable to [B, H, L, S], or None when no masking is needed."""
+    mask = None
+    q_pos = torch.arange(L, device=device) + (S - L)
+    k_pos = torch.arange(S, device=device)
+    if causal and (L > 1 or key_mask_BS is not None or cu_seqlens is not None):
+        mask = k_pos[None, :] <= q_pos[:, None]
+    if cu_seqlens is not None:
+        if L != S:
+            raise ValueError("packed attention (cu_seqlens) cannot be combined with a KV cache")
+        seg = segment_ids(cu_seqlens, S)
+        same = seg[:, None] == seg[None, :]
+        mask = same if mask is None else mask & same
+    if key_mask_BS is not None:
+        km = key_mask_BS[:, None, None, :].bool()
+        mask = km if mask is None else mask[None, None] & km
+        # A query at a padded position would otherwise see no key at all (NaN); let it see itself.
+        mask = mask | (k_pos[None, :] == q_pos[:, None])
+    return mask
+
+
+def attention(
+    q_BHLK: torch.Tensor,
+    k_BGSK: torch.Tensor,
+    v_BGSK: torch.Tensor,
+    *,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    key_mask_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with GQA. Returns [B, H, L, K]."""
+    B, H, L, K = q_BHLK.shape
+    S = k_BGSK.shape[2]
+    if (
+        cu_seqlens is not None
+        and flash_attn_varlen_func is not None
+        and q_BHLK.is_cuda
+        and q_BHLK.dtype in (torch.float16, torch.bfloat16)
+        and key_mask_BS is None
+    ):
+        assert B == 1, "packed attention expects a single packed row"
+        cu = cu_seqlens.to(torch.int32)
+        max_len = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
+        out_NHK = flash_attn_varlen_func(
+            q_BHLK[0].transpose(0, 1), k_BGSK[0].transpose(0, 1), v_BGSK[0].transpose(0, 1),
+            cu, cu, max_len, max_len, causal=causal,
+        )
+        return out_NHK.transpose(0, 1)[None]
+    mask = build_mask(L, S, causal=causal, cu_seqlens=cu_seqlens, key_mask_BS=key_mask_BS, device=q_BHLK.device)
+    is_causal = causal and mask is None and L == S and L > 1
+    return F.scaled_dot_product_attention(
+        q_BHLK, k_BGSK, v_BGSK, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k_BGSK.shape[1]
+    )
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers [B, G, max_len, K] with one shared fill length.
+
+    `key_mask_BS` (True = real token) marks left padding of batched prompts; it covers the whole buffer.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.key_mask_BS: torch.Tensor | None = None
+
+    def update(self, layer: int, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        L = k_BGLK.shape[2]
+        end = self.length + L
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k_BGLK
+        self.v[layer, :, :, self.length:end] = v_BGLK
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def current_key_mask(self, extra: int) -> torch.Tensor | None:
+        """Key mask for the next forward of `extra` tokens (None when there is no padding)."""
+        if self.key_mask_BS is None:
+            return None
+        return self.key_mask_BS[:, : self.length + extra]

@@ -1,0 +1,92 @@
+"""SailVL forward: image-token scatter, loss, padded and packed batches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .conftest import make_model
+
+
+def _prompt(model, n_images=1, text=(1, 2, 3)):
+    n = model.config.tokens_per_tile
+    return [5] + ([6] + [7] * n + [8]) * n_images + list(text)
+
+
+@torch.no_grad()
+def test_image_features_replace_context_rows():
+    model = make_model()
+    ids = torch.tensor([_prompt(model, 2)])
+    pixels = torch.randn(2, 3, 64, 64)
+    out = model(ids, pixel_values=pixels)
+    feats = model.encode_images(pixels)
+    assert feats.shape == (2 * model.config.tokens_per_tile, 64)
+    emb = model.language_model.model.embed_tokens(ids)
+    emb[ids == 7] = feats
+    ref = model.language_model(inputs_embeds=emb).logits
+    assert torch.equal(out.logits, ref)
+    # the images matter, and text-only input works
+    assert not torch.allclose(model(ids, pixel_values=torch.randn(2, 3, 64, 64)).logits, out.logits)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, model.config.llm_config.vocab_size)
+
+
+def test_image_token_count_mismatch_is_an_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"16 <IMG_CONTEXT> tokens but the images give 32"):
+        model(torch.tensor([_prompt(model, 1)]), pixel_values=torch.randn(2, 3, 64, 64))
+
+
+def test_loss_is_shifted_cross_entropy_with_ignore_index():
+    model = make_model()
+    ids = torch.randint(10, 100, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, labels=labels)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, ref) and out.aux_loss is None
+    out.loss.backward()
+    assert model.vision_model.trunk.blocks[0].attn.qkv.weight.grad is None  # no images, no ViT grads
+    assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_moe_loss_adds_aux_loss():
+    model = make_model(moe=True)
+    ids = torch.randint(10, 100, (2, 12))
+    out = model(ids, labels=ids)
+    coef = model.config.llm_config.router_aux_loss_coef
+    assert torch.allclose(out.loss, out.lm_loss + coef * out.aux_loss)
+    load, ent = out.expert_load(8, 2)
+    assert load.shape == (2, 8) and ((ent > 0) & (ent <= 1)).all()
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_unpadded_rows():
+    model = make_model()
+    a, b = [11, 12, 13, 14, 15, 16], [21, 22, 23]
+    ids = torch.tensor([a, [0, 0, 0] + b])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = model(ids, attention_mask=mask).logits
+    assert (out[0] - model(torch.tensor([a])).logits[0]).abs().max() <= 1e-5
+    assert (out[1, 3:] - model(torch.tensor([b])).logits[0]).abs().max() <= 1e-5
+
+
+def test_packed_row_equals_separate_samples():
+    model = make_model()
+    samples = [_prompt(model, 1, (1, 2, 3, 4)), [9, 8, 10, 6, 5], _prompt(model, 1, (4, 4))]
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = torch.tensor([sum(samples, [])])
+    cu = torch.tensor([0, len(samples[0]), len(samples[0]) + len(samples[1]), ids.shape[1]])
+    with torch.no_grad():
+        packed = model(ids, pixel_values=pixels, cu_seqlens=cu).logits[0]
+        singles = [model(torch.tensor([samples[0]]), pixel_values=pixels[:1]).logits[0],
+                   model(torch.tensor([samples[1]])).logits[0],
+                   model(torch.tensor([samples[2]]), pixel_values=pixels[1:]).logits[0]]
+    assert (packed - torch.cat(singles)).abs().max() <= 1e-5
+    # the loss never predicts across a sample boundary: packed loss == token-weighted mean of singles
+    labels = ids.clone()
+    loss = model(ids, pixel_values=pixels, labels=labels, cu_seqlens=cu).loss
+    total, count = 0.0, 0
+    for s, img in zip(samples, [pixels[:1], None, pixels[1:]]):
+        t = torch.tensor([s])
+        total += model(t, pixel_values=img, labels=t).loss * (len(s) - 1)
+        count += len(s) - 1
+    assert abs(loss.item() - (total / count).item()) <= 1e-5
