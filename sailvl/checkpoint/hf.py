@@ -20,7 +20,7 @@ from ..config import SailVLConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_EXPERT_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_EXPERT_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _EXPERT_SPLIT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -51,15 +51,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------------- key mapping
 def to_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model state dict -> checkpoint tensors (per-expert keys, contiguous, unshared)."""
+    """Model state dict -> checkpoint tensors (per-expert [out, in] keys, contiguous, unshared).
+    Our experts are input-major: gate_up_proj [E, H, 2I] (gate then up), down_proj [E, I, H]."""
     out = {}
     for key, t in state.items():
         m = _EXPERT_STACKED.match(key)
-        if m:
-            for e in range(t.shape[0]):
-                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
-        else:
+        if not m:
             out[key] = t.contiguous()
+            continue
+        prefix = m.group(1)
+        for e in range(t.shape[0]):
+            w = t[e].T  # [out, in]
+            if m.group(2) == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = w.contiguous()
+            else:
+                gate, up = w.chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
     return out
 
 
@@ -72,11 +80,18 @@ def from_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
         else:
             out[key] = t
-    for (prefix, name), by_index in experts.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
-            raise CheckpointError(f"missing keys: {[f'{prefix}.{e}.{name}.weight' for e in missing]}")
-        out[f"{prefix}.{name}"] = torch.stack([by_index[e] for e in range(len(by_index))])
+    n_experts = {}
+    for (prefix, _), by_index in experts.items():
+        n_experts[prefix] = max(n_experts.get(prefix, 0), max(by_index) + 1)
+    missing = [f"{prefix}.{e}.{name}.weight" for prefix, n in n_experts.items()
+               for name in ("gate_proj", "up_proj", "down_proj") for e in range(n)
+               if e not in experts.get((prefix, name), {})]
+    if missing:
+        raise CheckpointError(f"missing keys: {missing[:50]}")
+    for prefix, n in n_experts.items():
+        w = {name: [experts[(prefix, name)][e] for e in range(n)] for name in ("gate_proj", "up_proj", "down_proj")}
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]).T for g, u in zip(w["gate_proj"], w["up_proj"])])
+        out[f"{prefix}.down_proj"] = torch.stack([d.T for d in w["down_proj"]])
     return out
 
 
@@ -183,7 +198,8 @@ def load_state_strict(model, tensors: dict[str, torch.Tensor], where: str = "che
 
 def _unsplit(keys: list[str]) -> list[str]:
     """Name stacked expert keys the way the checkpoint spells them."""
-    return [k + (".{e}.weight" if _EXPERT_STACKED.match(k) else "") for k in keys][:50]
+    return [k.replace("experts.gate_up_proj", "experts.{e}.gate_proj/up_proj.weight").replace(
+        "experts.down_proj", "experts.{e}.down_proj.weight") for k in keys][:50]
 
 
 def load_pretrained(path: str | Path, dtype=None, device=None):

@@ -1,8 +1,8 @@
 """Qwen3-MoE sparse block: softmax router, top-k (optionally renormalised), SwiGLU experts.
 
-Tokens are grouped by expert with one stable sort, so expert computation is a handful of large matmuls
-(`torch._grouped_mm` where it applies, else one matmul per non-empty expert over a contiguous slice);
-there is no loop over tokens. Also here: the auxiliary load-balancing loss with exactly the formula
+Tokens are grouped by expert with one stable sort, so expert computation is three grouped matmuls
+(`torch.nn.functional.grouped_mm`, forward and backward; one matmul per non-empty expert slice on older
+torch); there is no loop over tokens. Also here: the auxiliary load-balancing loss with exactly the formula
 transformers uses for Qwen3-MoE, the router z-loss, and expert-load statistics.
 
 Letters: T tokens, H hidden, I expert FFN width, E experts, k top-k, A = T*k assignments.
@@ -17,32 +17,84 @@ from torch import nn
 from ..config import LLMConfig
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation; the backward is a gather by the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad[inv], None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Each token copied to its k expert slots, in expert order: x[order // k]. The backward sums the k
+    slot gradients of each token via the inverse permutation (a gather and a sum, no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, order_A, inv_A, k):
+        ctx.save_for_backward(inv_A)
+        ctx.k = k
+        return x_TH[order_A // k]
+
+    @staticmethod
+    def backward(ctx, grad_AH):
+        (inv_A,) = ctx.saved_tensors
+        return grad_AH[inv_A].view(-1, ctx.k, grad_AH.shape[-1]).sum(1), None, None, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: CPU grouped_mm's backward rejects
+    the zero-stride gradients that e.g. `y.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by expert, offs = cumulative counts) times their expert's [K, N] matrix."""
+    if _HAS_GROUPED_MM:
+        return _ContiguousGrad.apply(F.grouped_mm(x_AK.to(w_EKN.dtype), w_EKN, offs=offs_E))
+    outs, start = [], 0
+    for e, end in enumerate(offs_E.tolist()):
+        if end > start:
+            outs.append(x_AK[start:end] @ w_EKN[e])
+        start = end
+    return torch.cat(outs) if outs else x_AK.new_zeros(0, w_EKN.shape[-1])
+
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts stored as stacked weights (checkpoints keep one key per expert; see checkpoint.hf)."""
+    """E SwiGLU experts stored input-major for grouped matmuls: gate and up fused as `gate_up_proj`
+    [E, H, 2I] and `down_proj` [E, I, H]. Checkpoints keep one [out, in] key per expert and projection
+    (`experts.{e}.gate_proj.weight`); checkpoint.hf converts."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
 
     def forward(self, x_AH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AH is sorted by expert; counts_E[e] rows belong to expert e."""
-        use_grouped = hasattr(torch, "_grouped_mm") and (x_AH.is_cuda or not torch.is_grad_enabled())
-        if use_grouped:
-            offs = counts_E.cumsum(0).to(torch.int32)
-            g = torch._grouped_mm(x_AH, self.gate_proj.transpose(1, 2), offs=offs)
-            u = torch._grouped_mm(x_AH, self.up_proj.transpose(1, 2), offs=offs)
-            return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=offs)
-        outs = []
-        for e, x in enumerate(torch.split(x_AH, counts_E.tolist())):
-            if x.shape[0]:
-                h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
-                outs.append(h @ self.down_proj[e].T)
-        return torch.cat(outs) if outs else x_AH.new_zeros(x_AH.shape)
+        offs = counts_E.cumsum(0).to(torch.int32)
+        g, u = grouped_mm(x_AH, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return grouped_mm(F.silu(g) * u, self.down_proj, offs)
 
     def forward_naive(self, x_TH: torch.Tensor, e: int) -> torch.Tensor:
-        return (F.silu(x_TH @ self.gate_proj[e].T) * (x_TH @ self.up_proj[e].T)) @ self.down_proj[e].T
+        g, u = (x_TH @ self.gate_up_proj[e]).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ self.down_proj[e]
 
 
 class SparseMoeBlock(nn.Module):
@@ -63,15 +115,20 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output [B, L, H], router logits [T, E])."""
         shape = x_BLH.shape
-        x_TH = x_BLH.reshape(-1, shape[-1])
+        T, H, k = shape[:-1].numel(), shape[-1], self.top_k
+        x_TH = x_BLH.reshape(T, H)
         logits_TE, w_Tk, idx_Tk = self.route(x_TH)
         flat_A = idx_Tk.reshape(-1)
-        order_A = torch.argsort(flat_A, stable=True)
-        token_A = order_A // self.top_k
+        order_A = torch.argsort(flat_A, stable=True)  # assignment slots grouped by expert
+        inv_A = torch.empty_like(order_A)
+        inv_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
         counts_E = torch.bincount(flat_A, minlength=self.num_experts)
-        y_AH = self.experts(x_TH[token_A], counts_E) * w_Tk.reshape(-1)[order_A, None]
-        out_TH = torch.zeros_like(x_TH).index_add_(0, token_A, y_AH.to(x_TH.dtype))
-        return out_TH.reshape(shape), logits_TE
+        # every token goes to its k expert slots (sorted by expert), runs, and comes back; both moves are
+        # gathers in forward and backward, and each token's k results combine with one bmm.
+        x_AH = _GatherTokens.apply(x_TH, order_A, inv_A, k)
+        y_TkH = _PermuteRows.apply(self.experts(x_AH, counts_E), inv_A, order_A).view(T, k, H)
+        out_TH = torch.bmm(w_Tk[:, None, :], y_TkH.to(w_Tk.dtype))[:, 0]
+        return out_TH.to(x_BLH.dtype).reshape(shape), logits_TE
 
     def forward_naive(self, x_BLH: torch.Tensor) -> torch.Tensor:
         """Reference: a plain loop over experts with boolean masks (used by tests)."""

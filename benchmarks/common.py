@@ -1,0 +1,31 @@
+"""Shared helpers for the benchmarks: interleaved timing with warm-up, and a printed table of ratios."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def compare(fns: dict, warmup: int = 2, repeat: int = 7) -> dict[str, float]:
+    """Best-of-`repeat` wall seconds per function. Runs are interleaved (A B A B ...) so that slow phases
+    of a shared machine hit every contender alike; the minimum is the least-disturbed run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n## {title}  (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(f"{x:,.0f}" if isinstance(x, float) and abs(x) >= 100 else
+                                (f"{x:.2f}" if isinstance(x, float) else str(x)) for x in r) + " |")
