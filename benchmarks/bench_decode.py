@@ -16,20 +16,12 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import compare, print_table  # noqa: E402
+from benchmarks.common import QWEN3_CONFIGS as CONFIGS, compare, print_table  # noqa: E402
 from sailvl.checkpoint.hf import load_state_strict  # noqa: E402
 from sailvl.checkpoint.imports import import_qwen3  # noqa: E402
 from sailvl.config import tiny_config  # noqa: E402
 from sailvl.model.generate import GenerationConfig, generate  # noqa: E402
 from sailvl.model.vlm import SailVL  # noqa: E402
-
-CONFIGS = {
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=4096),
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, vocab_size=16384),
-}
-
 
 def build(name):
     torch.manual_seed(0)

@@ -6,6 +6,14 @@ import time
 
 import torch
 
+# Qwen3 shapes shared by the LLM and decode benchmarks.
+QWEN3_CONFIGS = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, vocab_size=4096),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64, vocab_size=16384),
+}
+
 
 def compare(fns: dict, warmup: int = 2, repeat: int = 7) -> dict[str, float]:
     """Best-of-`repeat` wall seconds per function. Runs are interleaved (A B A B ...) so that slow phases
