@@ -1,0 +1,69 @@
+"""The record every source yields and every later stage consumes, and the one way to reject a record.
+
+A `Sample` is a conversation plus its visual inputs, still undecoded:
+  - `messages`: [{"role": "system" | "user" | "assistant", "content": str}, ...]. User text may hold
+    `<image>` placeholders (one per entry of `images`, in order) and at most one `<video>` placeholder.
+    Assistant text may start with a `<think>...</think>` block (thinking samples); the final answer of
+    reasoning samples is in the last `\\boxed{...}`.
+  - `images`: one entry per `<image>`: a path (str / Path, resolved against the source's image root),
+    raw encoded bytes, or a PIL image.
+  - `video`: a video file path, a folder of frames, or a list of frame entries (as for images).
+  - `task` / `answer`: the task name and the verifiable answer, when the record has them (synthetic
+    data, eval sets), so a scorer can check a prediction exactly.
+  - `source` / `key`: where the record came from (source name; line number, tar key or parquet row)
+    so a skipped record can be reported precisely.
+
+Anything that finds a record unusable (malformed JSON, missing image, decompression bomb, no assistant
+turn, too long, ...) raises `SkipSample(reason)`; the loader catches it, counts it and writes it to
+`skipped.jsonl`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image
+
+ImageRef = Union[str, Path, bytes, Image.Image]
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+ROLES = ("system", "user", "assistant")
+
+
+class SkipSample(Exception):
+    """A record that cannot be used; `reason` is a short, stable, human-readable phrase."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+    video: ImageRef | list[ImageRef] | None = None
+    task: str | None = None
+    answer: str | None = None
+    source: str = ""
+    key: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> Sample:
+        """Structural checks every source applies; raises SkipSample naming the problem."""
+        if not self.messages:
+            raise SkipSample("no messages")
+        for m in self.messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise SkipSample(f"malformed message {str(m)[:80]!r}")
+        if not any(m["role"] == "assistant" for m in self.messages):
+            raise SkipSample("no assistant turn")
+        n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in self.messages if m["role"] == "user")
+        if n_img != len(self.images):
+            raise SkipSample(f"{n_img} <image> placeholders but {len(self.images)} images")
+        n_vid = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in self.messages if m["role"] == "user")
+        if n_vid != (self.video is not None) or n_vid > 1:
+            raise SkipSample(f"{n_vid} <video> placeholders but {'a' if self.video is not None else 'no'} video")
+        return self
