@@ -8,10 +8,11 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>",
-                  "<IMG_CONTEXT>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+# As in Qwen3: whole tokens, but not "special", so decoding keeps them and thinking can be parsed.
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -39,11 +40,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tok
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     decoder = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                         "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+                                         "single_word": False, "special": t in SPECIAL_TOKENS}
+               for t in SPECIAL_TOKENS + THINK_TOKENS}
     config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
               "bos_token": None, "model_max_length": 32768, "added_tokens_decoder": decoder}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
