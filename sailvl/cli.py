@@ -24,6 +24,14 @@ def _compose(args) -> int:
     return 0
 
 
+def _tokenizer(args) -> int:
+    from .data.tokenizer import corpus_texts, train_bpe
+
+    tok = train_bpe(corpus_texts(args.corpus), args.vocab_size, args.out)
+    print(f"trained a byte-level BPE with {tok.get_vocab_size()} tokens -> {args.out}/tokenizer.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sailvl", description="Train, serve and evaluate SAIL-VL2-style VLMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-dynamic-patch", type=int, default=None, help="max tiles per image (default 10)")
     c.add_argument("--seed", type=int, default=0, help="seed of the adapter's random init")
     c.set_defaults(func=_compose)
+
+    data = sub.add_parser("data", help="data tools: tokenizer training, synthetic world")
+    data_sub = data.add_subparsers(dest="data_command", metavar="TOOL", required=True)
+    t = data_sub.add_parser("tokenizer", help="train a byte-level BPE with the SAIL-VL2 special tokens")
+    t.add_argument("--corpus", nargs="+", required=True, help=".txt files (lines) or .jsonl conversation files")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="output directory (tokenizer.json + tokenizer_config.json)")
+    t.set_defaults(func=_tokenizer)
     return p
 
 

@@ -21,3 +21,23 @@ def test_demo_runs_and_reloads_exactly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("reload bit-exact: True") == 2
     assert (tmp_path / "dense" / "config.json").exists() and (tmp_path / "moe" / "tokenizer.json").exists()
+
+
+def test_data_tokenizer_trains_from_txt_and_jsonl(tmp_path):
+    import json
+
+    from sailvl.data.tokenizer import load_tokenizer
+
+    (tmp_path / "a.txt").write_text("the red circle\nthe blue square\n" * 20)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "purple"}]}) + "\nnot json\n")
+    out = tmp_path / "tok"
+    assert main(["data", "tokenizer", "--corpus", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
+                 "--vocab-size", "320", "--out", str(out)]) == 0
+    tok = load_tokenizer(out)
+    for t in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<think>", "</think>", "<|endoftext|>"):
+        assert tok.token_to_id(t) is not None
+    ids = tok.encode("<|im_start|>user\n<IMG_CONTEXT><IMG_CONTEXT>purple").ids
+    assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.token_to_id("<IMG_CONTEXT>")) == 2
+    assert main(["data", "tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--vocab-size", "300",
+                 "--out", str(out)]) == 1

@@ -32,6 +32,30 @@ def token_id(tok: Tokenizer, token: str) -> int:
     return i
 
 
+def corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
+    """Text for tokenizer training: lines of .txt files; every message / conversation value of .jsonl
+    records (LLaVA `conversations`, OpenAI `messages` with string or text-part content). Malformed JSON
+    lines are skipped (and counted by the caller if it cares)."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"corpus file {path} does not exist")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            if path.suffix != ".jsonl":
+                yield from fh
+                continue
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                for turn in rec.get("conversations", []) + rec.get("messages", []):
+                    content = turn.get("value", turn.get("content", "")) if isinstance(turn, dict) else ""
+                    if isinstance(content, list):
+                        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                    if isinstance(content, str):
+                        yield content.replace("<image>", "").replace("<video>", "")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
     """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir."""
     tok = Tokenizer(models.BPE())
