@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import tiny_config
-from .data.tokenizer import train_bpe, token_id
+from .data.processor import Processor, ProcessorConfig
+from .data.tokenizer import token_id, train_bpe
 from .model.vlm import SailVL
 from .pipeline import load
 
@@ -45,6 +46,7 @@ def run(out_dir: str | Path = "runs/demo", seed: int = 0) -> list[dict]:
         torch.manual_seed(seed)
         model = SailVL(cfg)
         model.save_pretrained(model_dir)
+        Processor(tok, ProcessorConfig.from_model_config(cfg)).save_pretrained(model_dir)
         pipe = load(model_dir)
         exact = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pipe.model.state_dict().values()))
         t0 = time.perf_counter()

@@ -73,3 +73,13 @@ def test_parse_thinking(out, expected):
 def test_last_boxed_unbalanced():
     assert last_boxed("\\boxed{7} then \\boxed{unclosed") == "7"
     assert last_boxed("nothing") is None
+
+
+def test_jinja_template_matches_render():
+    jinja2 = pytest.importorskip("jinja2")
+    from sailvl.data.template import JINJA_TEMPLATE
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "Q2"}]
+    got = jinja2.Template(JINJA_TEMPLATE).render(messages=msgs, add_generation_prompt=True)
+    assert got == render(msgs, thinking=False, add_generation_prompt=True)[0]

@@ -19,7 +19,7 @@ import torch
 from ..config import SailVLConfig
 from .image import DEFAULT_MAX_PIXELS, ImageError, load_image, max_tiles_for, native_resize, tiles_tensor, to_tensor
 from .schema import Sample, SkipSample
-from .template import IMG_CONTEXT, IM_END, Visuals, parse_thinking, render
+from .template import IMG_CONTEXT, IM_END, JINJA_TEMPLATE, Visuals, parse_thinking, render
 from .tokenizer import load_tokenizer, token_id
 from .video import load_frames, plan_dynamic, sample_uniform
 
@@ -114,6 +114,10 @@ class Processor:
                     copied = True
         if not copied and not (path / "tokenizer.json").exists():
             self.tokenizer.save(str(path / "tokenizer.json"))
+        tcfg_file = path / "tokenizer_config.json"
+        tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.exists() else {}
+        tcfg["chat_template"] = JINJA_TEMPLATE
+        tcfg_file.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
 
     # ----------------------------------------------------------------------------------------- vision
     def image_inputs(self, images: list, n_images: int | None = None) -> tuple[list[torch.Tensor], list[int]]:

@@ -23,6 +23,10 @@ THINK_SUFFIX = ("\nPlease reason step by step inside <think> </think> tags, "
                 "then put the final answer in \\boxed{}.")
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+# The same ChatML as `render` for text (image blocks must already be expanded), for HF-style
+# tokenizer_config.json consumers.
+JINJA_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                  "+ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 _EMPTY_THINK = re.compile(r"^\s*<think>\s*</think>\s*")
 
 
