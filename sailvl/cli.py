@@ -32,6 +32,21 @@ def _tokenizer(args) -> int:
     return 0
 
 
+def _synth(args) -> int:
+    from .data.synth import TASKS, generate_splits
+
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
+    n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 10)
+    out = generate_splits(args.out, args.n, n_eval, n_eval, seed=args.seed, tasks=args.tasks,
+                          image_size=args.image_size)
+    for split, summary in out.items():
+        print(f"{split}: {summary['n']} samples -> {summary['jsonl']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sailvl", description="Train, serve and evaluate SAIL-VL2-style VLMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output directory (tokenizer.json + tokenizer_config.json)")
     t.set_defaults(func=_tokenizer)
+    sy = data_sub.add_parser("synth", help="generate the built-in synthetic visual world (train / val / test)")
+    sy.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, test.jsonl, images/)")
+    sy.add_argument("--n", type=int, required=True, help="training samples")
+    sy.add_argument("--n-eval", type=int, default=None, help="validation and test samples each (default n/10)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--tasks", nargs="+", default=None, help="subset of task names (default: all)")
+    sy.add_argument("--image-size", type=int, default=64)
+    sy.set_defaults(func=_synth)
     return p
 
 

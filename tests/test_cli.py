@@ -41,3 +41,18 @@ def test_data_tokenizer_trains_from_txt_and_jsonl(tmp_path):
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.token_to_id("<IMG_CONTEXT>")) == 2
     assert main(["data", "tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--vocab-size", "300",
                  "--out", str(out)]) == 1
+
+
+def test_data_synth_writes_disjoint_splits_readable_by_the_loader(tmp_path, bpe_dir):
+    from sailvl.data.processor import Processor, ProcessorConfig
+    from sailvl.data.sources import JsonlSource
+    from sailvl.data.tokenizer import load_tokenizer
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "60", "--n-eval", "20", "--seed", "3"]) == 0
+    train, test = JsonlSource(tmp_path / "train.jsonl"), JsonlSource(tmp_path / "test.jsonl")
+    assert len(train) == 60 and len(test) == 20
+    proc = Processor(load_tokenizer(bpe_dir), ProcessorConfig(image_size=64, patch_size=8, max_dynamic_patch=1))
+    for i in range(len(train)):  # every synthetic record is a valid training sample
+        out = proc.encode_sample(train.read(i))
+        assert (out["labels"] != -100).any()
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "5", "--tasks", "nope"]) == 1

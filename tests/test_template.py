@@ -51,6 +51,12 @@ def test_multi_turn_spans_and_think_fusion():
                                              "6<|im_end|>"]
 
 
+def test_thinking_suffix_is_not_doubled():
+    msgs = [{"role": "user", "content": "Solve." + THINK_SUFFIX},
+            {"role": "assistant", "content": "<think>ok</think>\\boxed{1}"}]
+    assert render(msgs)[0].count(THINK_SUFFIX) == 1
+
+
 def test_thinking_prompt_for_generation():
     text, _ = render([{"role": "user", "content": "Solve."}], thinking=True, add_generation_prompt=True)
     assert text == "<|im_start|>user\nSolve." + THINK_SUFFIX + "<|im_end|><|im_start|>assistant\n"

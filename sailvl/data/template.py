@@ -89,7 +89,8 @@ def render(messages: Sequence[dict], visuals: Visuals | None = None, *, system: 
             content = _expand(content, visuals.image_tokens, n_images, img_index, visuals)
             img_index += n_here
             nxt = msgs[i + 1]["content"] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "assistant" else ""
-            if (thinking is None and has_thinking(nxt)) or (thinking and i == last_user):
+            wants = (thinking is None and has_thinking(nxt)) or (thinking and i == last_user)
+            if wants and not content.endswith(THINK_SUFFIX):  # data may already carry the instruction
                 content += THINK_SUFFIX
         head = f"{IM_START}{role}\n"
         if role == "assistant":

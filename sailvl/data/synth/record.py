@@ -1,0 +1,57 @@
+"""The in-memory record every task generator returns, and its conversion to a `Sample`.
+
+A generator returns `(record, images)`. The record is the JSONL object without its id and file paths:
+
+    {"task": "vqa_color", "answer": "red",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the circle?\\nAnswer ..."},
+                       {"from": "gpt", "value": "red"}],
+     "meta": {...}}            # the world spec the answer is computed from (scene, text, chart, ...)
+
+`images` holds one PIL image per `<image>` placeholder, or the frames of the one `<video>`
+placeholder, or nothing for text-only records. `media_key` says which JSONL key the writer stores the
+file paths under ("image", "images" or "video").
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from ..schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
+
+
+def make_record(task: str, prompt: str, answer: str, meta: dict, reply: str | None = None,
+                n_images: int = 0, video: bool = False) -> dict:
+    """A record whose human turn is the placeholders (one `<image>` per image, or one `<video>`) on
+    their own lines, then `prompt`; the gpt turn is `reply` (default: the answer itself)."""
+    head = VIDEO_PLACEHOLDER + "\n" if video else (IMAGE_PLACEHOLDER + "\n") * n_images
+    return {
+        "task": task,
+        "answer": answer,
+        "conversations": [{"from": "human", "value": head + prompt},
+                          {"from": "gpt", "value": answer if reply is None else reply}],
+        "meta": meta,
+    }
+
+
+def prompt_of(record: dict) -> str:
+    return record["conversations"][0]["value"]
+
+
+def media_key(record: dict, n_images: int) -> str | None:
+    """Where the writer stores this record's files: "video", "image" (one), "images" (several) or None."""
+    if VIDEO_PLACEHOLDER in prompt_of(record):
+        return "video"
+    if n_images == 0:
+        return None
+    return "image" if n_images == 1 else "images"
+
+
+def to_sample(record: dict, images: list[Image.Image], key: str = "") -> Sample:
+    """A validated `sailvl.data.schema.Sample` holding the PIL images in memory (for in-process
+    training streams that skip the disk)."""
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    messages = [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    is_video = media_key(record, len(images)) == "video"
+    return Sample(messages=messages, images=[] if is_video else list(images),
+                  video=list(images) if is_video else None, task=record["task"], answer=record["answer"],
+                  source="synth", key=key or record.get("id", ""), meta=dict(record.get("meta", {}))).validate()

@@ -1,0 +1,202 @@
+"""Rendered text worlds: words and numbers (OCR), equations, bar / line charts and small tables.
+
+Each `make_*` function draws one image from a spec it samples itself and returns (spec, image); the
+spec is a plain JSON-able dict that holds everything needed to recompute any answer about the image,
+and `describe_*` turns a spec into the dense transcript used by caption-style pretraining samples.
+Text uses Pillow's bundled scalable font (cached per size in world.font); text is placed by its ink
+box, so the whole glyph run is always inside the image.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from PIL import Image, ImageDraw
+
+from .world import BACKGROUND, COLOURS, INK, World, font, join_words, text_bbox
+
+WORDS = ("CAT", "DOG", "SUN", "RED", "BOX", "HAT", "CUP", "PEN", "MAP", "KEY", "BUS", "CAR", "EGG",
+         "FOX", "OWL", "BED", "TOY", "JAM", "ICE", "SKY", "GO", "UP", "NO", "OK", "HI", "ON", "TREE",
+         "FISH", "BIRD", "STAR", "MOON", "BOOK", "DOOR", "LAMP", "SHIP", "CAKE", "MILK", "RAIN")
+LETTERS = string.ascii_uppercase
+DIGITS = string.digits
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OP_GLYPH = {"+": "+", "-": "-", "*": "x"}  # how the image and the text write each operation
+
+
+def _fit_size(text: str, lo: int, hi: int, max_w: int, max_h: int, rng: random.Random) -> int:
+    """A random font size in [lo, hi], shrunk until the ink box fits max_w x max_h."""
+    size = rng.randint(lo, hi)
+    while size > 6:
+        x0, y0, x1, y1 = text_bbox(text, size)
+        if x1 - x0 <= max_w and y1 - y0 <= max_h:
+            return size
+        size -= 1
+    return size
+
+
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill,
+              anchor: str = "lt") -> tuple[int, int, int, int]:
+    """Draw so the ink box's left-top (anchor 'lt'), centre-top ('mt') or centre-bottom ('mb') is at xy;
+    returns the ink box."""
+    x0, y0, x1, y1 = text_bbox(text, size)
+    w, h = x1 - x0, y1 - y0
+    x, y = xy
+    if anchor[0] == "m":
+        x -= w // 2
+    if anchor[1] == "b":
+        y -= h
+    draw.text((x - x0, y - y0), text, font=font(size), fill=fill)
+    return (x, y, x + w, y + h)
+
+
+# ---------------------------------------------------------------- words (OCR)
+
+def random_text(rng: random.Random, max_chars: int) -> str:
+    n = rng.randint(1, max_chars)
+    kind = rng.choice(("word", "number", "letters"))
+    if kind == "word":
+        words = [w for w in WORDS if len(w) == n]
+        if words:
+            return rng.choice(words)
+    if kind == "number":
+        first = rng.choice(DIGITS[1:]) if n > 1 else rng.choice(DIGITS)
+        return first + "".join(rng.choice(DIGITS) for _ in range(n - 1))
+    return "".join(rng.choice(LETTERS) for _ in range(n))
+
+
+def make_text_image(rng: random.Random, world: World, text: str | None = None) -> tuple[dict, Image.Image]:
+    s = world.image_size
+    text = text or random_text(rng, world.ocr_max_chars)
+    margin = world.px(3)
+    size = _fit_size(text, world.px(world.ocr_font[0]), world.px(world.ocr_font[1]), s - 2 * margin,
+                     s - 2 * margin, rng)
+    x0, y0, x1, y1 = text_bbox(text, size)
+    w, h = x1 - x0, y1 - y0
+    x = rng.randint(margin, max(margin, s - margin - w))
+    y = rng.randint(margin, max(margin, s - margin - h))
+    colour = rng.choice(INK)
+    img = Image.new("RGB", (s, s), BACKGROUND)
+    box = draw_text(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour])
+    return {"text": text, "colour": colour, "font_size": size, "box": list(box)}, img
+
+
+def describe_text(spec: dict) -> str:
+    return f'The text "{spec["text"]}" written in {spec["colour"]}.'
+
+
+# ---------------------------------------------------------------- equations
+
+def random_problem(rng: random.Random, world: World) -> tuple[int, str, int, int]:
+    op = rng.choice(world.math_ops)
+    a, b = rng.randint(0, world.max_operand), rng.randint(0, world.max_operand)
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b, OPS[op](a, b)
+
+
+def make_equation_image(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
+    a, op, b, result = random_problem(rng, world)
+    text = f"{a}{OP_GLYPH[op]}{b}=?"
+    s, margin = world.image_size, world.px(2)
+    size = _fit_size(text, world.px(16), world.px(22), s - 2 * margin, s - 2 * margin, rng)
+    x0, y0, x1, y1 = text_bbox(text, size)
+    x = rng.randint(margin, max(margin, s - margin - (x1 - x0)))
+    y = rng.randint(margin, max(margin, s - margin - (y1 - y0)))
+    colour = rng.choice(INK)
+    img = Image.new("RGB", (s, s), BACKGROUND)
+    draw_text(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour])
+    return {"a": a, "op": op, "b": b, "result": result, "text": text, "colour": colour}, img
+
+
+def describe_equation(spec: dict) -> str:
+    return f'The problem "{spec["a"]} {OP_GLYPH[spec["op"]]} {spec["b"]} = ?" written in {spec["colour"]}.'
+
+
+# ---------------------------------------------------------------- charts
+
+def make_chart(rng: random.Random, world: World, kind: str | None = None) -> tuple[dict, Image.Image]:
+    """A bar or line chart of k items: distinct letter labels under the axis, distinct values 1-9
+    printed above each bar / point, heights proportional to the values."""
+    kind = kind or rng.choice(("bar", "line"))
+    k = world.chart_items
+    labels = rng.sample(LETTERS, k)
+    values = rng.sample(range(1, 10), k)
+    s = world.image_size
+    fs = world.px(11)
+    label_h = text_bbox("A", fs)[3] - text_bbox("A", fs)[1]
+    axis_y = s - label_h - world.px(4)
+    top = label_h + world.px(4)          # room for the value text above the tallest item
+    unit = (axis_y - top) / 9.0
+    slot = (s - world.px(4)) / k
+    xs = [int(world.px(2) + slot * (i + 0.5)) for i in range(k)]
+    ys = [round(axis_y - v * unit) for v in values]
+    colour = rng.choice(("red", "green", "blue", "purple", "orange"))
+    img = Image.new("RGB", (s, s), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    d.line((0, axis_y, s - 1, axis_y), fill=COLOURS["gray"], width=1)
+    if kind == "bar":
+        half = max(2, int(slot * 0.3))
+        for x, y in zip(xs, ys):
+            d.rectangle((x - half, y, x + half, axis_y - 1), fill=COLOURS[colour])
+    else:
+        d.line(list(zip(xs, ys)), fill=COLOURS[colour], width=max(1, world.px(2)))
+        pr = max(1, world.px(2))
+        for x, y in zip(xs, ys):
+            d.ellipse((x - pr, y - pr, x + pr, y + pr), fill=COLOURS[colour])
+    for x, y, lab, v in zip(xs, ys, labels, values):
+        draw_text(d, (x, y - world.px(2)), str(v), fs, COLOURS["black"], anchor="mb")
+        draw_text(d, (x, axis_y + world.px(2)), lab, fs, COLOURS["black"], anchor="mt")
+    return {"kind": kind, "labels": labels, "values": values, "colour": colour}, img
+
+
+def describe_chart(spec: dict) -> str:
+    pairs = join_words([f"{lab} {v}" for lab, v in zip(spec["labels"], spec["values"])])
+    return f"A {spec['colour']} {spec['kind']} chart: {pairs}."
+
+
+# ---------------------------------------------------------------- tables
+
+def make_table(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
+    """A grid with a header row of column letters (from A-H), a header column of row letters (from P-W)
+    and numbers 0..table_max_value in the cells."""
+    n_rows, n_cols = world.table_shape
+    cols = sorted(rng.sample("ABCDEFGH", n_cols))
+    rows = sorted(rng.sample("PQRSTUVW", n_rows))
+    cells = [[rng.randint(0, world.table_max_value) for _ in range(n_cols)] for _ in range(n_rows)]
+    s = world.image_size
+    cw, ch = s / (n_cols + 1), s / (n_rows + 1)
+    widest = str(world.table_max_value)
+    fs = world.px(13)
+    while fs > 6 and (text_bbox(widest, fs)[2] - text_bbox(widest, fs)[0] > cw - 3
+                      or text_bbox("Q", fs)[3] - text_bbox("Q", fs)[1] > ch - 3):
+        fs -= 1
+    img = Image.new("RGB", (s, s), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, s - 1, int(ch)), fill=(225, 232, 245))
+    d.rectangle((0, 0, int(cw), s - 1), fill=(225, 232, 245))
+    for i in range(1, n_cols + 1):
+        d.line((int(i * cw), 0, int(i * cw), s - 1), fill=COLOURS["gray"])
+    for j in range(1, n_rows + 1):
+        d.line((0, int(j * ch), s - 1, int(j * ch)), fill=COLOURS["gray"])
+    d.rectangle((0, 0, s - 1, s - 1), outline=COLOURS["gray"])
+
+    def put(text: str, ci: int, rj: int, ink: str) -> None:
+        x0, y0, x1, y1 = text_bbox(text, fs)
+        cx, cy = (ci + 0.5) * cw, (rj + 0.5) * ch
+        draw_text(d, (round(cx - (x1 - x0) / 2), round(cy - (y1 - y0) / 2)), text, fs, COLOURS[ink])
+
+    for i, c in enumerate(cols):
+        put(c, i + 1, 0, "blue")
+    for j, r in enumerate(rows):
+        put(r, 0, j + 1, "blue")
+        for i in range(n_cols):
+            put(str(cells[j][i]), i + 1, j + 1, "black")
+    return {"cols": cols, "rows": rows, "cells": cells}, img
+
+
+def describe_table(spec: dict) -> str:
+    lines = [f"row {r}: " + ", ".join(f"{c} {v}" for c, v in zip(spec["cols"], row))
+             for r, row in zip(spec["rows"], spec["cells"])]
+    return f"A table with columns {join_words(spec['cols'])}; " + "; ".join(lines) + "."

@@ -1,0 +1,301 @@
+"""Task generators over shape scenes: captions, VQA, grounding, multi-image change, video.
+
+Every generator has the signature `gen(rng: random.Random, world: World) -> (record, images)` and keeps
+the scene it drew in `record["meta"]` (objects as dicts: shape, colour, size, x, y, r) so that answers
+can be recomputed from the spec. Questions that cannot be asked unambiguously about a drawn scene (no
+unique referring phrase, no clear spatial relation, ...) redraw the scene.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .record import make_record
+from .scene import (
+    Obj,
+    caption,
+    format_box,
+    grounding_box,
+    place,
+    plural,
+    random_scene,
+    refer,
+    relation,
+    render,
+    unused_kind,
+)
+from .world import SHORT_ANSWER_SUFFIX, World
+
+CAPTION_PROMPTS = ("Describe the image in detail.", "Describe every object in the image.",
+                   "What objects are in the image? Describe each one.")
+REL_PHRASE = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+
+
+def _attempts(task: str, n: int = 2000):
+    """range(n) for redraw loops, then a ValueError: a world whose settings make the question impossible
+    (e.g. size classes too close for vqa_compare) fails loudly instead of looping forever."""
+    yield from range(n)
+    raise ValueError(f"{task}: no valid sample in {n} draws; this world's settings make the question impossible")
+
+
+def _scene(rng: random.Random, world: World, lo: int = 1) -> list[Obj]:
+    return random_scene(rng, world, rng.randint(min(lo, world.max_objects), world.max_objects))
+
+
+def _meta(scene: list[Obj], **kw) -> dict:
+    return {"scene": [o.to_dict() for o in scene], **kw}
+
+
+def caption_task(rng: random.Random, world: World):
+    scene = _scene(rng, world)
+    cap = caption(scene, world.image_size)
+    return make_record("caption", rng.choice(CAPTION_PROMPTS), cap, _meta(scene), n_images=1), \
+        [render(scene, world)]
+
+
+def vqa_color(rng: random.Random, world: World):
+    for _ in _attempts("vqa_color"):
+        scene = _scene(rng, world)
+        i = rng.randrange(len(scene))
+        ref = refer(scene, i, avoid=("colour",))
+        if ref:
+            break
+    q = f"What colour is the {ref}?" + SHORT_ANSWER_SUFFIX
+    return make_record("vqa_color", q, scene[i].colour, _meta(scene, target=i), n_images=1), [render(scene, world)]
+
+
+def vqa_shape(rng: random.Random, world: World):
+    for _ in _attempts("vqa_shape"):
+        scene = _scene(rng, world)
+        i = rng.randrange(len(scene))
+        ref = refer(scene, i, avoid=("shape",))
+        if ref:
+            break
+    q = f"What shape is the {ref}?" + SHORT_ANSWER_SUFFIX
+    return make_record("vqa_shape", q, scene[i].shape, _meta(scene, target=i), n_images=1), [render(scene, world)]
+
+
+def vqa_count(rng: random.Random, world: World):
+    """How many objects / <shape>s / <colour> objects. The answer is drawn first (uniform over 1..max
+    for all objects, 0..max for a filter) and the scene built to match; `meta.count_filter` names the
+    filter."""
+    m = world.max_objects
+    kind = rng.choice(("all", "shape", "colour"))
+    if kind == "all":
+        flt: dict = {}
+        scene = random_scene(rng, world, rng.randint(1, m))
+        q = "How many objects are there?"
+    else:
+        if kind == "shape":
+            value = rng.choice(world.shapes)
+            k = rng.randint(0, min(m, len(world.colours)))
+            match = [(c, value) for c in rng.sample(world.colours, k)]
+            pool = [(c, s) for c in world.colours for s in world.shapes if s != value]
+            q = f"How many {plural(value)} are there?"
+        else:
+            value = rng.choice(world.colours)
+            k = rng.randint(0, min(m, len(world.shapes)))
+            match = [(value, s) for s in rng.sample(world.shapes, k)]
+            pool = [(c, s) for c in world.colours for s in world.shapes if c != value]
+            q = f"How many {value} objects are there?"
+        n = rng.randint(max(k, 1), min(m, k + len(pool)))
+        kinds = match + rng.sample(pool, n - k)
+        rng.shuffle(kinds)
+        scene = random_scene(rng, world, n, kinds)
+        flt = {kind: value}
+    count = sum(all(getattr(o, a) == v for a, v in flt.items()) for o in scene)
+    return make_record("vqa_count", q + SHORT_ANSWER_SUFFIX, str(count), _meta(scene, count_filter=flt),
+                       n_images=1), [render(scene, world)]
+
+
+def _need_two(world: World, task: str) -> None:
+    if world.max_objects < 2:
+        raise ValueError(f"{task} needs a world with max_objects >= 2")
+
+
+def _pair_with_relation(rng: random.Random, world: World):
+    """A scene with >= 2 objects and a pair (i, j) whose relation is clear, with unique phrases."""
+    _need_two(world, "vqa_spatial")
+    for _ in _attempts("vqa_spatial"):
+        scene = _scene(rng, world, lo=2)
+        i, j = rng.sample(range(len(scene)), 2)
+        rel = relation(scene[i], scene[j], world.image_size)
+        ri, rj = refer(scene, i), refer(scene, j)
+        if rel and ri and rj:
+            return scene, i, j, rel, ri, rj
+
+
+def vqa_spatial(rng: random.Random, world: World):
+    scene, i, j, rel, ri, rj = _pair_with_relation(rng, world)
+    q = f"Is the {ri} left of, right of, above or below the {rj}?" + SHORT_ANSWER_SUFFIX
+    return make_record("vqa_spatial", q, rel, _meta(scene, a=i, b=j), n_images=1), [render(scene, world)]
+
+
+def vqa_compare(rng: random.Random, world: World):
+    """Which of two objects of different size classes is bigger / smaller; the larger one must also
+    have clearly more painted area (>= 1.3x), so the answer never depends on shape."""
+    _need_two(world, "vqa_compare")
+    for _ in _attempts("vqa_compare"):
+        scene = _scene(rng, world, lo=2)
+        i, j = rng.sample(range(len(scene)), 2)
+        a, b = scene[i], scene[j]
+        if a.size == b.size:
+            continue
+        big, small = (a, b) if a.size == "large" else (b, a)
+        if big.area() < 1.3 * small.area():
+            continue
+        ri, rj = refer(scene, i, avoid=("size",)), refer(scene, j, avoid=("size",))
+        if ri and rj:
+            break
+    word = rng.choice(("bigger", "smaller"))
+    winner = i if (scene[i].size == "large") == (word == "bigger") else j
+    answer = ri if winner == i else rj
+    q = f"Which is {word}, the {ri} or the {rj}?" + SHORT_ANSWER_SUFFIX
+    return make_record("vqa_compare", q, answer, _meta(scene, a=i, b=j, word=word, winner=winner),
+                       n_images=1), [render(scene, world)]
+
+
+def vqa_yesno(rng: random.Random, world: World):
+    """Yes/no (balanced): does a <colour> <shape> exist, is the <ref> <colour>, is A <relation> B."""
+    want = rng.random() < 0.5
+    kind = rng.choice(("exists", "colour", "relation") if world.max_objects >= 2 else ("exists", "colour"))
+    if kind == "relation":
+        scene, i, j, rel, ri, rj = _pair_with_relation(rng, world)
+        asked = rel if want else rng.choice([r for r in REL_PHRASE if r != rel])
+        q = f"Is the {ri} {REL_PHRASE[asked]} the {rj}?"
+        meta = _meta(scene, kind=kind, a=i, b=j, relation=asked)
+    elif kind == "colour":
+        for _ in _attempts("vqa_yesno"):
+            scene = _scene(rng, world)
+            i = rng.randrange(len(scene))
+            ref = refer(scene, i, avoid=("colour",))
+            if ref:
+                break
+        asked = scene[i].colour if want else rng.choice([c for c in world.colours if c != scene[i].colour])
+        q = f"Is the {ref} {asked}?"
+        meta = _meta(scene, kind=kind, target=i, colour=asked)
+    else:
+        scene = _scene(rng, world)
+        if want:
+            o = rng.choice(scene)
+            colour, shape = o.colour, o.shape
+        else:  # a hard negative shares the colour or the shape of something present, when possible
+            o = rng.choice(scene)
+            present = {(p.colour, p.shape) for p in scene}
+            options = [(o.colour, s) for s in world.shapes] + [(c, o.shape) for c in world.colours]
+            options = [k for k in options if k not in present]
+            colour, shape = rng.choice(options) if options else unused_kind(rng, world, scene)
+        q = f"Is there a {colour} {shape}?"
+        meta = _meta(scene, kind=kind, colour=colour, shape=shape)
+    answer = "yes" if want else "no"
+    return make_record("vqa_yesno", q + SHORT_ANSWER_SUFFIX, answer, meta, n_images=1), [render(scene, world)]
+
+
+def grounding(rng: random.Random, world: World):
+    for _ in _attempts("grounding"):
+        scene = _scene(rng, world)
+        i = rng.randrange(len(scene))
+        ref = refer(scene, i)
+        if ref:
+            break
+    box = grounding_box(scene[i], world.image_size)
+    q = f"Where is the {ref}? Answer with its bounding box [x1, y1, x2, y2] in 0-1000 coordinates."
+    return make_record("grounding", q, format_box(box), _meta(scene, target=i), n_images=1), \
+        [render(scene, world)]
+
+
+def multi_change(rng: random.Random, world: World):
+    """Two scenes differing by one object added, removed or recoloured."""
+    kinds = ["removed", "recoloured"] + (["added"] if world.max_objects >= 2 else [])
+    kind = rng.choice(kinds)
+    for _ in _attempts("multi_change"):
+        if kind == "added":
+            before = random_scene(rng, world, rng.randint(1, world.max_objects - 1))
+            colour, shape = unused_kind(rng, world, before)
+            new = place(rng, world, shape, colour, rng.choice(("small", "large")), before)
+            if new is None:
+                continue
+            after, obj = before + [new], new
+            answer = f"a {new.colour} {new.shape} was added"
+        else:
+            before = _scene(rng, world)
+            k = rng.randrange(len(before))
+            obj = before[k]
+            if kind == "removed":
+                after = before[:k] + before[k + 1:]
+                answer = f"the {obj.colour} {obj.shape} was removed"
+            else:
+                used = {(o.colour, o.shape) for o in before}
+                options = [c for c in world.colours if (c, obj.shape) not in used]
+                if not options:
+                    continue
+                to = rng.choice(options)
+                after = before[:k] + [Obj(obj.shape, to, obj.size, obj.x, obj.y, obj.r)] + before[k + 1:]
+                answer = f"the {obj.colour} {obj.shape} turned {to}"
+        break
+    meta = {"before": [o.to_dict() for o in before], "after": [o.to_dict() for o in after],
+            "change": kind, "object": obj.to_dict()}
+    q = "What changed between the two scenes?" + SHORT_ANSWER_SUFFIX
+    return make_record("multi_change", q, answer, meta, n_images=2), [render(before, world), render(after, world)]
+
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def _start(rng: random.Random, d: int, lo: int, hi: int, travel: int) -> int:
+    """A start coordinate in [lo, hi] from which moving `travel` px in direction d stays in [lo, hi]."""
+    if d > 0:
+        return rng.randint(lo, hi - travel)
+    if d < 0:
+        return rng.randint(lo + travel, hi)
+    return rng.randint(lo, hi)
+
+
+def video_motion(rng: random.Random, world: World):
+    """One object moves steadily left / right / up / down over the frames; others stand still."""
+    f = world.video_frames
+    s = world.image_size
+    for _ in _attempts("video_motion"):
+        direction = rng.choice(tuple(DIRECTIONS))
+        dx, dy = DIRECTIONS[direction]
+        size = rng.choice(("small", "large"))
+        r = world.radius(size, rng)
+        span = s - 3 - 2 * r                       # length of the free centre range
+        max_step = span // (f - 1)
+        if max_step < 1:
+            continue
+        step = rng.randint(min(world.px(4), max_step), min(world.px(8), max_step))
+        travel = step * (f - 1)
+        colour, shape = rng.choice(world.colours), rng.choice(world.shapes)
+        lo, hi = r + 1, s - 2 - r                  # the centre range that keeps the object inside
+        x0, y0 = (_start(rng, d, lo, hi, travel) for d in (dx, dy))
+        path = [Obj(shape, colour, size, x0 + dx * step * t, y0 + dy * step * t, r) for t in range(f)]
+        statics: list[Obj] = []
+        for _ in range(rng.randint(0, world.max_objects - 1)):
+            c2, s2 = unused_kind(rng, world, statics + [path[0]])
+            o = place(rng, world, s2, c2, rng.choice(("small", "large")), statics + path)
+            if o is not None:
+                statics.append(o)
+        break
+    frames = [statics + [p] for p in path]
+    ref = refer(frames[0], len(statics))
+    q = f"Which direction is the {ref} moving?" + SHORT_ANSWER_SUFFIX
+    meta = {"frames": [[o.to_dict() for o in fr] for fr in frames], "moving": path[0].name, "step": step}
+    return make_record("video_motion", q, direction, meta, video=True), [render(fr, world) for fr in frames]
+
+
+def video_count(rng: random.Random, world: World):
+    """K objects at fixed places, each visible in a random non-empty set of frames; how many different
+    objects appear over the whole video."""
+    f = world.video_frames
+    scene = _scene(rng, world)
+    visible = []
+    for _ in scene:
+        mask = [rng.random() < 0.5 for _ in range(f)]
+        if not any(mask):
+            mask[rng.randrange(f)] = True
+        visible.append(mask)
+    frames = [[o for o, m in zip(scene, visible) if m[t]] for t in range(f)]
+    q = "How many different objects appear in the video?" + SHORT_ANSWER_SUFFIX
+    meta = {"frames": [[o.to_dict() for o in fr] for fr in frames], "objects": [o.to_dict() for o in scene]}
+    return make_record("video_count", q, str(len(scene)), meta, video=True), [render(fr, world) for fr in frames]

@@ -1,0 +1,187 @@
+"""Task generators over rendered text (OCR, charts, tables, arithmetic), caption-style pretraining
+transcripts of every kind of image, and text-only instructions.
+
+Same signature as tasks_scene: `gen(rng, world) -> (record, images)`, with the spec in `record["meta"]`.
+`math_cot` writes a real step-by-step trace (count up / count down / repeated addition) inside
+`<think>` and the result in `\\boxed{}`; `math_direct` asks the same problem for a direct answer.
+"""
+
+from __future__ import annotations
+
+import random
+
+from . import render as R
+from .record import make_record
+from .scene import caption, random_scene, render
+from .world import SHORT_ANSWER_SUFFIX, THINK_SUFFIX, World
+
+PRETRAIN_PROMPTS = ("Describe the image briefly.", "Write a short caption for the image.",
+                    "What does the image show?")
+
+
+def ocr(rng: random.Random, world: World):
+    spec, img = R.make_text_image(rng, world)
+    q = "What is written in the image?" + SHORT_ANSWER_SUFFIX
+    return make_record("ocr", q, spec["text"], spec, n_images=1), [img]
+
+
+def chart(rng: random.Random, world: World):
+    """Value lookup, argmax, argmin or difference on a bar or line chart."""
+    spec, img = R.make_chart(rng, world)
+    labels, values = spec["labels"], spec["values"]
+    question = rng.choice(("value", "max", "min", "diff"))
+    if question == "value":
+        i = rng.randrange(len(labels))
+        q, answer, args = f"What is the value of {labels[i]}?", str(values[i]), [labels[i]]
+    elif question == "max":
+        q, answer, args = "Which label has the highest value?", labels[values.index(max(values))], []
+    elif question == "min":
+        q, answer, args = "Which label has the lowest value?", labels[values.index(min(values))], []
+    else:
+        i, j = rng.sample(range(len(labels)), 2)
+        if values[i] < values[j]:
+            i, j = j, i
+        q, answer, args = f"How much larger is {labels[i]} than {labels[j]}?", str(values[i] - values[j]), \
+            [labels[i], labels[j]]
+    meta = {**spec, "question": question, "args": args}
+    return make_record("chart", q + SHORT_ANSWER_SUFFIX, answer, meta, n_images=1), [img]
+
+
+def table(rng: random.Random, world: World):
+    spec, img = R.make_table(rng, world)
+    j, i = rng.randrange(len(spec["rows"])), rng.randrange(len(spec["cols"]))
+    row, col = spec["rows"][j], spec["cols"][i]
+    q = f"What is the value in row {row}, column {col}?" + SHORT_ANSWER_SUFFIX
+    return make_record("table", q, str(spec["cells"][j][i]), {**spec, "row": row, "col": col}, n_images=1), [img]
+
+
+def _sequence(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def think_trace(a: int, op: str, b: int) -> list[str]:
+    """The reasoning steps for a op b, one line each."""
+    glyph = R.OP_GLYPH[op]
+    result = R.OPS[op](a, b)
+    lines = [f"The image shows {a} {glyph} {b}."]
+    if op == "+":
+        if b == 0:
+            lines.append(f"Adding 0 leaves {a} unchanged.")
+        elif b <= 10:
+            lines.append(f"Start at {a} and count up {b}: {_sequence(list(range(a + 1, a + b + 1)))}.")
+        else:
+            tens, ones = b - b % 10, b % 10
+            lines.append(f"{a} + {tens} = {a + tens}, then {a + tens} + {ones} = {result}.")
+    elif op == "-":
+        if b == 0:
+            lines.append(f"Taking away 0 leaves {a} unchanged.")
+        elif b <= 10:
+            lines.append(f"Start at {a} and count down {b}: {_sequence(list(range(a - 1, a - b - 1, -1)))}.")
+        else:
+            tens, ones = b - b % 10, b % 10
+            lines.append(f"{a} - {tens} = {a - tens}, then {a - tens} - {ones} = {result}.")
+    else:
+        if a == 0 or b == 0:
+            lines.append("Anything times 0 is 0.")
+        elif b <= 10:
+            lines.append(f"Add {a} {b} time{'s' if b != 1 else ''}: {_sequence([a * k for k in range(1, b + 1)])}.")
+        else:
+            lines.append(f"{a} {glyph} {b} = {a} {glyph} {b - b % 10} + {a} {glyph} {b % 10} "
+                         f"= {a * (b - b % 10)} + {a * (b % 10)} = {result}.")
+    lines.append(f"So {a} {glyph} {b} = {result}.")
+    return lines
+
+
+def math_cot(rng: random.Random, world: World):
+    spec, img = R.make_equation_image(rng, world)
+    answer = str(spec["result"])
+    reply = "<think>\n" + "\n".join(think_trace(spec["a"], spec["op"], spec["b"])) + \
+        f"\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+    q = "Solve the problem in the image." + THINK_SUFFIX
+    return make_record("math_cot", q, answer, spec, reply=reply, n_images=1), [img]
+
+
+def math_direct(rng: random.Random, world: World):
+    spec, img = R.make_equation_image(rng, world)
+    q = "What is the answer to the problem in the image?" + SHORT_ANSWER_SUFFIX
+    return make_record("math_direct", q, str(spec["result"]), spec, n_images=1), [img]
+
+
+def caption_pretrain(rng: random.Random, world: World):
+    """Caption-style pretraining: a short instruction and the dense transcript of any kind of image
+    (scene caption, OCR transcript, equation, chart data, table contents)."""
+    kind = rng.choice(("scene", "text", "equation", "chart", "table"))
+    if kind == "scene":
+        scene = random_scene(rng, world, rng.randint(1, world.max_objects))
+        spec, img = {"scene": [o.to_dict() for o in scene]}, render(scene, world)
+        text = caption(scene, world.image_size)
+    elif kind == "text":
+        spec, img = R.make_text_image(rng, world)
+        text = R.describe_text(spec)
+    elif kind == "equation":
+        spec, img = R.make_equation_image(rng, world)
+        text = R.describe_equation(spec)
+    elif kind == "chart":
+        spec, img = R.make_chart(rng, world)
+        text = R.describe_chart(spec)
+    else:
+        spec, img = R.make_table(rng, world)
+        text = R.describe_table(spec)
+    return make_record("caption_pretrain", rng.choice(PRETRAIN_PROMPTS), text, {**spec, "image_kind": kind},
+                       n_images=1), [img]
+
+
+# ---------------------------------------------------------------- text-only instructions
+
+WORD_POOL = ("red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "book", "cup",
+             "star", "box", "car", "hat", "key", "milk", "rain", "ship", "lamp", "door", "cake", "egg")
+COLOUR_FACTS = {"the sky on a clear day": "blue", "grass": "green", "a ripe banana": "yellow", "snow": "white",
+                "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a lemon": "yellow",
+                "the sea": "blue", "a leaf in summer": "green", "chocolate": "brown", "an elephant": "gray",
+                "a flamingo": "pink", "a crow": "black", "milk": "white", "a plum": "purple",
+                "a carrot": "orange", "a strawberry": "red"}
+MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple",
+         ("red", "white"): "pink", ("black", "white"): "gray"}
+SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+TEXT_KINDS = ("reverse", "count_on", "colour_fact", "colour_mix", "sides", "arithmetic", "sort", "letters",
+              "larger")
+
+
+def text_instruct(rng: random.Random, world: World):
+    """Simple verifiable language tasks; `meta.kind` names the kind."""
+    kind = rng.choice(TEXT_KINDS)
+    if kind == "reverse":
+        words = rng.sample(WORD_POOL, rng.randint(2, 4))
+        q, a = f"Reverse the order of these words: {', '.join(words)}.", ", ".join(reversed(words))
+    elif kind == "count_on":
+        step, start = rng.choice((1, 1, 2)), rng.randint(0, 20)
+        seq = [start + step * k for k in range(6)]
+        q, a = f"Continue the sequence with three more numbers: {_sequence(seq[:3])}.", _sequence(seq[3:])
+    elif kind == "colour_fact":
+        thing = rng.choice(sorted(COLOUR_FACTS))
+        q, a = f"What colour is {thing}?", COLOUR_FACTS[thing]
+    elif kind == "colour_mix":
+        (c1, c2), res = rng.choice(sorted(MIXES.items()))
+        if rng.random() < 0.5:
+            c1, c2 = c2, c1
+        q, a = f"What colour do you get when you mix {c1} and {c2} paint?", res
+    elif kind == "sides":
+        shape = rng.choice(sorted(SIDES))
+        q, a = f"How many sides does a {shape} have?", str(SIDES[shape])
+    elif kind == "arithmetic":
+        x, op, y, res = R.random_problem(rng, world)
+        q, a = f"What is {x} {R.OP_GLYPH[op]} {y}?", str(res)
+    elif kind == "sort":
+        nums = rng.sample(range(21), rng.randint(3, 4))
+        q, a = f"Sort these numbers from smallest to largest: {_sequence(nums)}.", _sequence(sorted(nums))
+    elif kind == "letters":
+        word = rng.choice(R.WORDS)
+        if rng.random() < 0.5:
+            q, a = f"How many letters are in the word {word}?", str(len(word))
+        else:
+            q, a = f"What is the first letter of the word {word}?", word[0]
+    else:
+        x, y = rng.sample(range(21), 2)
+        q, a = f"Which number is larger, {x} or {y}?", str(max(x, y))
+    return make_record("text_instruct", q, a, {"kind": kind}), []
+

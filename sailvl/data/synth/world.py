@@ -1,0 +1,153 @@
+"""The knobs and the fixed vocabulary of the synthetic world.
+
+`World` is the difficulty dial: image size, objects per scene, object radii, OCR length, arithmetic
+range, chart / table sizes, video length. Its defaults are the world that CALIBRATION.md measured as
+learnable by a tiny ViT (patch 8) trained from scratch on a CPU: 64 px images, <= 3 objects of radius
+about 10-17 px, OCR of 1-3 large characters, single-digit arithmetic. Pixel quantities are given for
+64 px and scaled linearly with `image_size`.
+
+The answer vocabulary is small and fixed (colour names, shape names, digits, left/right/above/below,
+yes/no) so every answer is exact-match scorable. The prompt suffixes are the ones SAIL-VL2 uses (and that
+`sailvl.data.template` defines) so that synthetic training data matches evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from functools import cache, lru_cache
+
+from PIL import ImageFont
+
+from ..template import SHORT_ANSWER_SUFFIX, THINK_SUFFIX  # noqa: F401  (re-exported for the task modules)
+
+# Colour name -> RGB; chosen to be far apart from each other and from the white background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 0),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 0),
+    "pink": (250, 110, 190),
+    "brown": (130, 80, 30),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+    "cyan": (0, 190, 210),
+}
+# Shape name -> plural; geometry lives in scene.py.
+SHAPES: dict[str, str] = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "cross": "crosses",
+}
+BACKGROUND = (255, 255, 255)
+# Text colours: dark enough to read on white (yellow, pink and cyan are not).
+INK = ("black", "red", "green", "blue", "purple", "brown", "orange")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+@dataclass(frozen=True)
+class World:
+    """Difficulty dial of the synthetic world (pixel values are for 64 px and scale with image_size)."""
+
+    image_size: int = 64
+    max_objects: int = 3
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")
+    small_radius: tuple[int, int] = (10, 11)   # inclusive range of the half-extent of "small" objects
+    large_radius: tuple[int, int] = (15, 17)   # ... of "large" objects
+    ocr_max_chars: int = 3
+    ocr_font: tuple[int, int] = (20, 30)       # font size range (shrunk to fit the image)
+    max_operand: int = 9                       # arithmetic operands are 0..max_operand
+    math_ops: tuple[str, ...] = ("+",)         # any of "+", "-", "*"
+    chart_items: int = 3                       # bars / points per chart
+    table_shape: tuple[int, int] = (2, 2)      # data rows, data columns
+    table_max_value: int = 99
+    video_frames: int = 4
+
+    def __post_init__(self):
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        if not 1 <= self.max_objects <= 8:
+            raise ValueError(f"max_objects must be in 1..8, got {self.max_objects}")
+        for name in self.colours:
+            if name not in COLOURS:
+                raise ValueError(f"unknown colour {name!r}; known: {sorted(COLOURS)}")
+        for name in self.shapes:
+            if name not in SHAPES:
+                raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+        if len(self.colours) < 2 or len(self.shapes) < 2:
+            raise ValueError("a world needs at least 2 colours and 2 shapes")
+        if len(self.colours) * len(self.shapes) < self.max_objects + 1:
+            raise ValueError("too few colour x shape combinations for max_objects")
+        for op in self.math_ops:
+            if op not in ("+", "-", "*"):
+                raise ValueError(f"unknown math op {op!r}; use '+', '-' or '*'")
+        if not self.math_ops:
+            raise ValueError("math_ops must not be empty")
+        if not 1 <= self.max_operand <= 99:
+            raise ValueError(f"max_operand must be in 1..99, got {self.max_operand}")
+        if not 1 <= self.ocr_max_chars <= 12:
+            raise ValueError(f"ocr_max_chars must be in 1..12, got {self.ocr_max_chars}")
+        if not 2 <= self.chart_items <= 8:
+            raise ValueError(f"chart_items must be in 2..8, got {self.chart_items}")
+        r, c = self.table_shape
+        if not (1 <= r <= 6 and 1 <= c <= 6):
+            raise ValueError(f"table_shape must be within 1..6 x 1..6, got {self.table_shape}")
+        if not 2 <= self.video_frames <= 16:
+            raise ValueError(f"video_frames must be in 2..16, got {self.video_frames}")
+        lo, hi = self.small_radius
+        lo2, hi2 = self.large_radius
+        if not (1 <= lo <= hi < lo2 <= hi2):
+            raise ValueError("radii must satisfy 1 <= small_lo <= small_hi < large_lo <= large_hi")
+
+    @property
+    def scale(self) -> float:
+        return self.image_size / 64.0
+
+    def px(self, v: float) -> int:
+        """A 64 px-world length scaled to this image size."""
+        return max(1, round(v * self.scale))
+
+    def radius(self, size: str, rng: random.Random) -> int:
+        lo, hi = self.small_radius if size == "small" else self.large_radius
+        return rng.randint(self.px(lo), self.px(hi))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_world(world: World | None, image_size: int) -> World:
+    """`image_size` is a shortcut for `World(image_size=...)`; a given `world` must not contradict it."""
+    if world is None:
+        return World(image_size=image_size)
+    if not isinstance(world, World):
+        raise ValueError(f"world must be a World, got {type(world).__name__}")
+    if image_size not in (64, world.image_size):
+        raise ValueError(f"image_size={image_size} contradicts world.image_size={world.image_size}")
+    return world
+
+
+@cache
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font at `size` px, loaded once per size."""
+    f = ImageFont.load_default(size=size)
+    if not isinstance(f, ImageFont.FreeTypeFont):  # Pillow built without FreeType
+        raise RuntimeError("the synthetic world needs Pillow with FreeType (ImageFont.load_default(size=...))")
+    return f
+
+
+@lru_cache(maxsize=4096)
+def text_bbox(text: str, size: int) -> tuple[int, int, int, int]:
+    """Ink box of `text` at font `size` relative to the drawing origin (cached: the vocabulary is small)."""
+    return font(size).getbbox(text)
+
+
+def join_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]

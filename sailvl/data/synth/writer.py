@@ -1,0 +1,170 @@
+"""Writing synthetic shards: `generate` (one split) and `generate_splits` (train / val / test).
+
+Layout under out_dir:
+    {split}.jsonl                      one record per line, paths relative to out_dir
+    images/{split}/000123.png          single image
+    images/{split}/000123_0.png, _1    several images ("images": [...])
+    images/{split}/000123_f0.png, ...  video frames ("video": [...])
+    synth.json                         (generate_splits only) seed, world and per-split summaries
+
+A split's JSONL and images are overwritten; image files left over from an earlier, larger run of the
+same split stay on disk but are not referenced (the JSONL is the dataset).
+
+Reproducibility: each split draws from one random.Random seeded by sha256("sailvl-synth", seed, split),
+tasks are assigned round-robin (equal counts, +-1) in an order shuffled by that RNG, PNGs are written
+by Pillow with fixed settings and no metadata, and JSON is dumped with fixed key order; the same
+arguments therefore give byte-identical files.
+
+Disjoint splits: every sample has a content hash (blake2b over task, prompt, answer and the raw
+pixels of each image). `generate_splits` writes train first and keeps its hashes; a val sample whose
+hash is in train is redrawn, and a test sample whose hash is in train or val is redrawn, so no
+identical (task, question, answer, image) sample is in two splits. Identical questions with different
+renderings (e.g. "3+4" drawn in another colour or place) are allowed: the world is small on purpose,
+and what val / test measure is generalisation over renderings and compositions. Text-only tasks have
+a small content space, so in val / test their common items are redrawn more often than rare ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from .record import media_key, prompt_of
+from .registry import TASKS, check_tasks
+from .world import World, resolve_world
+
+MAX_REDRAWS = 1000
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def split_rng(seed: int, split: str) -> random.Random:
+    """The RNG of one split, derived from (seed, split name)."""
+    h = hashlib.sha256(f"sailvl-synth\0{seed}\0{split}".encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "little"))
+
+
+def content_hash(record: dict, images: list[Image.Image]) -> int:
+    """64-bit hash of (task, prompt, answer, every image's size / mode / pixels)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (record["task"], prompt_of(record), record["answer"]):
+        h.update(part.encode())
+        h.update(b"\0")
+    for img in images:
+        h.update(f"{img.mode}{img.size}".encode())
+        h.update(img.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _check_args(n: int, seed: int, split: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        raise ValueError(f"split must be a plain name (letters, digits, _ or -), got {split!r}")
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    with open(path, "wb") as f:
+        img.save(f, format="PNG", compress_level=1)
+
+
+def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str], world: World,
+                 exclude: set[int] | None, keep_hashes: bool) -> tuple[dict, set[int]]:
+    rng = split_rng(seed, split)
+    order = [tasks[i % len(tasks)] for i in range(n)]
+    rng.shuffle(order)
+    img_dir = out_dir / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{split}.jsonl"
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    width = max(6, len(str(max(n - 1, 0))))
+    hashes: set[int] = set()
+    counts: Counter = Counter()
+    n_files = rejected = 0
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for i, task in enumerate(order):
+            for _ in range(MAX_REDRAWS):
+                record, images = TASKS[task](rng, world)
+                h = content_hash(record, images) if (exclude is not None or keep_hashes) else 0
+                if exclude is None or h not in exclude:
+                    break
+                rejected += 1
+            else:
+                raise RuntimeError(f"{split}: could not draw a {task} sample absent from the earlier splits in "
+                                   f"{MAX_REDRAWS} tries; its content space is too small for this many samples")
+            if keep_hashes:
+                hashes.add(h)
+            stem = f"{i:0{width}d}"
+            key = media_key(record, len(images))
+            if key == "image":
+                names = [f"{stem}.png"]
+            elif key == "images":
+                names = [f"{stem}_{k}.png" for k in range(len(images))]
+            elif key == "video":
+                names = [f"{stem}_f{k}.png" for k in range(len(images))]
+            else:
+                names = []
+            for img, name in zip(images, names):
+                _save_png(img, img_dir / name)
+            rel = [f"images/{split}/{name}" for name in names]
+            out = {"id": f"{split}-{stem}", "task": record["task"], "answer": record["answer"]}
+            if key == "image":
+                out["image"] = rel[0]
+            elif key is not None:
+                out[key] = rel
+            out["conversations"] = record["conversations"]
+            out["meta"] = record["meta"]
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            counts[task] += 1
+            n_files += len(names)
+    os.replace(tmp, jsonl)
+    summary = {"split": split, "jsonl": str(jsonl), "n": n, "tasks": {t: counts[t] for t in tasks if counts[t]},
+               "images": n_files, "redrawn": rejected}
+    return summary, hashes
+
+
+def generate(out_dir, n: int, seed: int = 0, split: str = "train", tasks: list[str] | None = None,
+             image_size: int = 64, *, world: World | None = None) -> dict:
+    """Write `n` samples of `tasks` (default: all; a task listed twice gets twice the share) to
+    out_dir/{split}.jsonl and out_dir/images/{split}/. Returns {"split", "jsonl", "n", "tasks": {name:
+    count}, "images": files written, "redrawn": 0}. `world` sets the difficulty (default World(image_size))."""
+    _check_args(n, seed, split)
+    tasks = check_tasks(tasks)
+    world = resolve_world(world, image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, _ = _write_split(out, split, n, seed, tasks, world, exclude=None, keep_hashes=False)
+    return summary
+
+
+def generate_splits(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 0,
+                    tasks: list[str] | None = None, image_size: int = 64, *, world: World | None = None) -> dict:
+    """Write train / val / test with disjoint content (see the module docstring) and out_dir/synth.json.
+    Returns {"train": summary, "val": summary, "test": summary}."""
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    _check_args(0, seed, "train")
+    tasks = check_tasks(tasks)
+    world = resolve_world(world, image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    result = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        summary, hashes = _write_split(out, split, n, seed, tasks, world, exclude=seen if seen else None,
+                                       keep_hashes=split != "test")
+        seen |= hashes
+        result[split] = summary
+    manifest = {"generator": "sailvl.data.synth", "seed": seed, "tasks": tasks, "world": world.to_dict(),
+                "splits": {k: {kk: vv for kk, vv in v.items() if kk != "jsonl"} for k, v in result.items()}}
+    (out / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return result
