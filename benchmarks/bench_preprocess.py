@@ -85,6 +85,30 @@ def main():
         rows.append([name, n / t["ref"], n / t["ours"], t["ref"] / t["ours"], same])
     print_table("Image preprocessing, images/s (higher is better)",
                 ["setting", "reference PIL+numpy", "sailvl Processor", "ratio", "same tensors"], rows)
+    loader_rate(tok, 400 if args.quick else 2000)
+
+
+def loader_rate(tok, n: int) -> None:
+    """End-to-end data rate of the tiny recipe's input path: synthetic JSONL -> source -> processor
+    (decode, tile, template, tokenize, labels) through the MixtureLoader, one process."""
+    import tempfile
+    import time
+
+    from sailvl.data.loader import MixtureLoader
+    from sailvl.data.sources import JsonlSource
+    from sailvl.data.synth import generate
+
+    with tempfile.TemporaryDirectory() as d:
+        generate(d, n, seed=0)
+        proc = Processor(tok, ProcessorConfig(image_size=64, patch_size=8, max_dynamic_patch=1))
+        loader = MixtureLoader([(JsonlSource(Path(d) / "train.jsonl"), 1.0)], epochs=1, process=proc.encode_sample)
+        t0 = time.perf_counter()
+        items = list(loader)
+        dt = time.perf_counter() - t0
+    tokens = sum(len(x["input_ids"]) for x in items)
+    print_table("Loader + processor on the synthetic world (64 px, 1 tile), one process",
+                ["samples", "samples/s", "tokens/s", "skipped"], [[len(items), len(items) / dt, tokens / dt,
+                                                                 loader.stats["skipped"]]])
 
 
 if __name__ == "__main__":

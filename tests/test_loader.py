@@ -201,3 +201,27 @@ def test_source_that_turns_unusable_in_a_later_epoch_stops(tmp_path):
     with pytest.warns(RuntimeWarning, match="no usable record in epoch 1"):
         assert len(list(loader)) == 4
     assert loader.stats["read"] == 8 and loader.stats["sources"]["a"]["status"] == "unusable"
+
+
+def test_processor_skips_flow_through_the_loader(tmp_path, bpe_dir):
+    """Decoding-stage problems (corrupt image, decompression bomb, too many tokens) are skips too."""
+    from sailvl.data.processor import Processor, ProcessorConfig
+    from sailvl.data.tokenizer import load_tokenizer
+
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    from PIL import Image
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    lines = [conv("<image>\nok?", image="ok.png"), conv("<image>\nbad?", image="corrupt.png"),
+             conv("<image>\nbig?", image="big.png"), conv("red " * 100), conv("fine")]
+    src = JsonlSource(write_jsonl(tmp_path / "p.jsonl", lines))
+    proc = Processor(load_tokenizer(bpe_dir), ProcessorConfig(image_size=64, patch_size=8, max_dynamic_patch=1,
+                                                              max_image_pixels=200 * 200, max_length=120))
+    loader = MixtureLoader([(src, 1.0)], epochs=1, process=proc.encode_sample, report_dir=tmp_path / "r")
+    out = list(loader)
+    assert len(out) == 2 and all("input_ids" in o for o in out)
+    st = loader.stats
+    assert st["read"] == 5 and st["used"] + st["skipped"] == 5
+    assert st["skipped_by_reason"] == {"corrupt image": 1, "decompression bomb": 1, "too long": 1}
+    report = [json.loads(line) for line in (tmp_path / "r" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in report) == ["line 2", "line 3", "line 4"]
