@@ -89,6 +89,12 @@ class MixtureLoader:
     # ------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
         """Yields from the current position: a loader is one stream, a second `iter` continues it."""
+        for _, item in self.with_refs():
+            yield item
+
+    def with_refs(self) -> Iterator[tuple[tuple[int, int], Any]]:
+        """Like iteration, but yields (ref, item); `reread(ref)` rebuilds the item later (so a consumer that
+        buffers items, like the packer, can checkpoint references instead of tensors)."""
         while (i := self._pick()) is not None:
             cur = self._cursors[i]
             index = int(self._order(i)[cur.pos])
@@ -96,7 +102,13 @@ class MixtureLoader:
             item, ok = self._fetch(i, index)
             self._settle(i)
             if ok:
-                yield item
+                yield (i, index), item
+
+    def reread(self, ref: tuple[int, int]) -> Any:
+        """The item for a ref from `with_refs` again (no counting, no reporting)."""
+        i, index = ref
+        sample = self.sources[i].read(index)
+        return sample if self.process is None else self.process(sample)
 
     def _fetch(self, i: int, index: int) -> tuple[Any, bool]:
         """(item, True), or (None, False) after counting and reporting a skip."""
