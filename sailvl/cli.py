@@ -47,6 +47,27 @@ def _synth(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train.run import describe, train_recipe
+
+    if args.dry_run:
+        from .train.run import build_run
+
+        print(describe(build_run(args.recipe, args.overrides)))
+        return 0
+    final = train_recipe(args.recipe, args.overrides, resume=args.resume)
+    print(f"final model: {final}")
+    return 0
+
+
+def _soup(args) -> int:
+    from .train.soup import soup
+
+    out = soup(args.models, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"averaged {len(args.models)} checkpoints -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sailvl", description="Train, serve and evaluate SAIL-VL2-style VLMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -66,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-dynamic-patch", type=int, default=None, help="max tiles per image (default 10)")
     c.add_argument("--seed", type=int, default=0, help="seed of the adapter's random init")
     c.set_defaults(func=_compose)
+
+    tr = sub.add_parser("train", help="train a recipe (all its stages); torchrun for several processes")
+    tr.add_argument("recipe", help="recipe name: tiny, sailvl2_2b, sailvl2_8b, sailvl2_a3b")
+    tr.add_argument("overrides", nargs="*", help="key=value: recipe arguments (e.g. scale=0.5) or dotted run "
+                    "config keys (e.g. stages.sft.steps=20, seed=1)")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    tr.add_argument("--dry-run", action="store_true", help="build and validate the run, print shapes and sizes")
+    tr.set_defaults(func=_train)
+
+    so = sub.add_parser("soup", help="model soup: average homologous checkpoints (same config)")
+    so.add_argument("models", nargs="+", help="SAIL-VL2 model directories")
+    so.add_argument("--out", required=True, help="output model directory")
+    so.add_argument("--weights", nargs="+", type=float, default=None, help="per-model weights (default: equal)")
+    so.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    so.set_defaults(func=_soup)
 
     data = sub.add_parser("data", help="data tools: tokenizer training, synthetic world")
     data_sub = data.add_subparsers(dest="data_command", metavar="TOOL", required=True)
@@ -87,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` overrides may follow flags (`sailvl train tiny --resume scale=0.5`)
+        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

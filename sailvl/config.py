@@ -227,8 +227,46 @@ class SailVLConfig:
         return cls.from_dict(d)
 
 
+def _children(obj: Any) -> list[str]:
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    if isinstance(obj, dict):
+        return [str(k) for k in obj]
+    if isinstance(obj, list):
+        return [str(i) for i in range(len(obj))] + [str(getattr(x, "name")) for x in obj if hasattr(x, "name")]
+    return []
+
+
+def _unknown(path: str, part: str, obj: Any) -> ValueError:
+    import difflib
+
+    close = difflib.get_close_matches(part, _children(obj), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known: {_children(obj)[:20]}"
+    return ValueError(f"unknown config key {path!r} (no {part!r}){hint}")
+
+
+def _child(obj: Any, part: str, path: str) -> Any:
+    if isinstance(obj, list):
+        if part.lstrip("-").isdigit() and -len(obj) <= int(part) < len(obj):
+            return obj[int(part)]
+        for x in obj:  # list items with a name (stages) are addressable by it
+            if getattr(x, "name", None) == part:
+                return x
+        raise _unknown(path, part, obj)
+    if isinstance(obj, dict):
+        if part not in obj:
+            raise _unknown(path, part, obj)
+        return obj[part]
+    if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+        raise _unknown(path, part, obj)
+    return getattr(obj, part)
+
+
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply dotted `a.b.c=value` overrides (values parsed as JSON, falling back to strings) in place."""
+    """Apply dotted `a.b.c=value` overrides in place. Values parse as JSON (numbers, booleans, lists, null),
+    else stay strings. Path parts address dataclass fields, dict keys (a new key may be added to a dict),
+    list indices, or list items by their `name` (e.g. `stages.warmup.steps=10`). An unknown key is a
+    ValueError suggesting the closest known ones."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.path=value")
@@ -237,15 +275,18 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        obj = cfg
         *parents, leaf = path.split(".")
-        for p in parents:
-            if not hasattr(obj, p):
-                raise ValueError(f"unknown config key {path!r} (no {p!r})")
-            obj = getattr(obj, p)
-        if not hasattr(obj, leaf):
-            raise ValueError(f"unknown config key {path!r}")
-        setattr(obj, leaf, value)
+        obj = cfg
+        for part in parents:
+            obj = _child(obj, part, path)
+        if isinstance(obj, dict):
+            obj[leaf] = value
+        elif isinstance(obj, list):
+            target = _child(obj, leaf, path)
+            obj[obj.index(target)] = value
+        else:
+            _child(obj, leaf, path)  # existence check with suggestions
+            setattr(obj, leaf, value)
     return cfg
 
 

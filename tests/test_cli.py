@@ -56,3 +56,24 @@ def test_data_synth_writes_disjoint_splits_readable_by_the_loader(tmp_path, bpe_
         out = proc.encode_sample(train.read(i))
         assert (out["labels"] != -100).any()
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "5", "--tasks", "nope"]) == 1
+
+
+def test_soup_cli_and_train_cli_errors(tmp_path, capsys):
+    import torch
+
+    from sailvl import SailVL
+    from tests.conftest import make_model
+
+    for i in range(2):
+        torch.manual_seed(i)
+        make_model().save_pretrained(tmp_path / f"m{i}")
+    assert main(["soup", str(tmp_path / "m0"), str(tmp_path / "m1"), "--out", str(tmp_path / "s")]) == 0
+    a, b = SailVL.from_pretrained(tmp_path / "m0"), SailVL.from_pretrained(tmp_path / "m1")
+    s = SailVL.from_pretrained(tmp_path / "s")
+    assert torch.allclose(s.mlp1[1].weight, (a.mlp1[1].weight + b.mlp1[1].weight) / 2, atol=1e-6)
+    assert main(["train", "tinny"]) == 1
+    assert "did you mean 'tiny'" in capsys.readouterr().err
+    assert main(["train", "tiny", "--dry-run", "stages.sft.stepz=3"]) == 1
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert main(["train", "tiny", "--dry-run", "scale=0.5", "stages.sft.steps=7"]) == 0
+    assert "sft                        7 steps" in capsys.readouterr().out

@@ -90,3 +90,20 @@ def test_packed_row_equals_separate_samples():
         total += model(t, pixel_values=img, labels=t).loss * (len(s) - 1)
         count += len(s) - 1
     assert abs(loss.item() - (total / count).item()) <= 1e-5
+
+
+def test_packed_rows_as_batch_equal_one_long_row():
+    """Rows of a packed step may be a batch [R, L] (attention cost R*L^2) with cu_seqlens over R*L tokens."""
+    model = make_model()
+    rows = [[11, 12, 13, 14, 15, 16, 0, 0], [21, 22, 23, 31, 32, 33, 34, 35]]
+    cu = torch.tensor([0, 6, 8, 11, 16])
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        as_batch = model(ids, cu_seqlens=cu).logits
+        as_one = model(ids.view(1, -1), cu_seqlens=cu).logits.view(2, 8, -1)
+    assert (as_batch - as_one).abs().max() <= 1e-5
+    labels = ids.clone()
+    assert abs(model(ids, labels=labels, cu_seqlens=cu).loss.item()
+               - model(ids.view(1, -1), labels=labels.view(1, -1), cu_seqlens=cu).loss.item()) <= 1e-5
+    with pytest.raises(ValueError, match="crosses a row boundary"):
+        model(ids, cu_seqlens=torch.tensor([0, 6, 11, 16]))

@@ -4,8 +4,10 @@ Letters: B batch, H query heads, G kv heads, L query length, S key length, K hea
 
 `attention` covers the three cases the model needs:
   - plain rows (optionally causal, optionally with a key padding mask for left-padded batches);
-  - packed rows: `cu_seqlens` (cumulative lengths, B == 1) gives block-diagonal attention so no sample
-    sees another; on CUDA with flash-attn installed this uses its varlen kernel;
+  - packed rows: `cu_seqlens` (cumulative sample lengths over the B*L tokens read row-major, samples never
+    crossing a row end) gives block-diagonal attention so no sample sees another; each row's mask is
+    [L, L], so several rows cost B*L^2, not (B*L)^2. On CUDA with flash-attn installed this uses its
+    varlen kernel;
   - decoding with a KV cache: S > L, query i sits at absolute position S - L + i.
 """
 
@@ -28,7 +30,8 @@ def segment_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def build_mask(
-    L: int, S: int, *, causal: bool, cu_seqlens: torch.Tensor | None, key_mask_BS: torch.Tensor | None, device
+    L: int, S: int, *, causal: bool, cu_seqlens: torch.Tensor | None, key_mask_BS: torch.Tensor | None, device,
+    B: int = 1,
 ) -> torch.Tensor | None:
     """Boolean mask (True = may attend) broadcastable to [B, H, L, S], or None when no masking is needed."""
     mask = None
@@ -39,8 +42,10 @@ def build_mask(
     if cu_seqlens is not None:
         if L != S:
             raise ValueError("packed attention (cu_seqlens) cannot be combined with a KV cache")
-        seg = segment_ids(cu_seqlens, S)
-        same = seg[:, None] == seg[None, :]
+        seg = segment_ids(cu_seqlens, B * S).view(B, S)
+        if B > 1 and bool((seg[1:, 0] == seg[:-1, -1]).any()):
+            raise ValueError("a packed sample crosses a row boundary")
+        same = (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, L, L]
         mask = same if mask is None else mask & same
     if key_mask_BS is not None:
         km = key_mask_BS[:, None, None, :].bool()
@@ -70,15 +75,14 @@ def attention(
         and q_BHLK.dtype in (torch.float16, torch.bfloat16)
         and key_mask_BS is None
     ):
-        assert B == 1, "packed attention expects a single packed row"
         cu = cu_seqlens.to(torch.int32)
         max_len = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
-        out_NHK = flash_attn_varlen_func(
-            q_BHLK[0].transpose(0, 1), k_BGSK[0].transpose(0, 1), v_BGSK[0].transpose(0, 1),
-            cu, cu, max_len, max_len, causal=causal,
-        )
-        return out_NHK.transpose(0, 1)[None]
-    mask = build_mask(L, S, causal=causal, cu_seqlens=cu_seqlens, key_mask_BS=key_mask_BS, device=q_BHLK.device)
+        flat = lambda t: t.transpose(1, 2).reshape(B * L, t.shape[1], K)  # noqa: E731  [B*L, heads, K]
+        out_NHK = flash_attn_varlen_func(flat(q_BHLK), flat(k_BGSK), flat(v_BGSK), cu, cu, max_len, max_len,
+                                         causal=causal)
+        return out_NHK.view(B, L, H, K).transpose(1, 2)
+    mask = build_mask(L, S, causal=causal, cu_seqlens=cu_seqlens, key_mask_BS=key_mask_BS, device=q_BHLK.device,
+                      B=B)
     is_causal = causal and mask is None and L == S and L > 1
     return F.scaled_dot_product_attention(
         q_BHLK, k_BGSK, v_BGSK, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k_BGSK.shape[1]

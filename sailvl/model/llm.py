@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMConfig
 from .attention import KVCache, attention, segment_ids
@@ -88,7 +89,7 @@ class LMOutput:
 
 
 def packed_positions(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions that restart at 0 for every packed sample."""
+    """Positions that restart at 0 for every packed sample (over n row-major tokens)."""
     seg = segment_ids(cu_seqlens, n)
     return torch.arange(n, device=cu_seqlens.device) - cu_seqlens.to(torch.int64)[seg]
 
@@ -97,6 +98,7 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg = cfg
+        self.grad_ckpt = False  # activation checkpointing per decoder layer (training only)
         self.model = Qwen3Model(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -121,7 +123,7 @@ class Qwen3ForCausalLM(nn.Module):
         B, L, _ = x.shape
         if position_ids is None:
             if cu_seqlens is not None:
-                position_ids = packed_positions(cu_seqlens, L)[None].expand(B, L)
+                position_ids = packed_positions(cu_seqlens, B * L).view(B, L)
             else:
                 start = cache.length if cache is not None else 0
                 position_ids = torch.arange(start, start + L, device=x.device)[None].expand(B, L)
@@ -129,8 +131,12 @@ class Qwen3ForCausalLM(nn.Module):
         if cache is not None and key_mask_BS is None:
             key_mask_BS = cache.current_key_mask(L)
         router_logits = []
+        ckpt = self.grad_ckpt and cache is None and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x, r = layer(x, rope, cu_seqlens, max_seqlen, key_mask_BS, cache)
+            if ckpt:
+                x, r = checkpoint(layer, x, rope, cu_seqlens, max_seqlen, key_mask_BS, None, use_reentrant=False)
+            else:
+                x, r = layer(x, rope, cu_seqlens, max_seqlen, key_mask_BS, cache)
             if r is not None:
                 router_logits.append(r)
         if cache is not None:

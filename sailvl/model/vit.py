@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from .attention import attention
@@ -109,6 +110,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
+        self.grad_ckpt = False  # activation checkpointing per block (training only)
         self.preprocessor = Preprocessor(cfg)
         self.trunk = Trunk(cfg)
 
@@ -118,8 +120,12 @@ class VisionTransformer(nn.Module):
         # hidden states are indexed [embeddings, block 1, ..., block n]; -1 means the final normed output.
         stop = n if (all_hidden or select_layer == -1) else select_layer % (n + 1)
         hidden = [x]
+        ckpt = self.grad_ckpt and torch.is_grad_enabled()
         for block in self.trunk.blocks[:stop]:
-            x = block(x, rope, cu_seqlens, max_seqlen)
+            if ckpt:
+                x = checkpoint(block, x, rope, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = block(x, rope, cu_seqlens, max_seqlen)
             if all_hidden:
                 hidden.append(x)
         if all_hidden:

@@ -120,7 +120,8 @@ class SailVL(nn.Module):
     ) -> SailVLOutput:
         """Token ids [B, L] (+ images) -> logits [B, L, V]; `labels` (aligned with input_ids, -100 = ignore)
         give the next-token cross-entropy `loss` (plus the MoE aux / z losses). `attention_mask` [B, L]
-        marks real tokens of a padded batch; `cu_seqlens` marks the samples of a packed row (B == 1)."""
+        marks real tokens of a padded batch; `cu_seqlens` marks the samples of packed rows (cumulative lengths
+        over the B*L tokens, row-major; no sample crosses a row end)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids, pixel_values, image_embeds)
@@ -148,13 +149,22 @@ class SailVL(nn.Module):
         return result
 
     @staticmethod
-    def lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        """Mean next-token cross-entropy over labelled tokens; never predicts across packed samples."""
+    def token_losses(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        """Next-token cross-entropy per position [B, L-1] (0 where ignored); position t predicts labels[t+1].
+        Never predicts across packed samples."""
         target = labels_BL[:, 1:].clone()
         if cu_seqlens is not None:
-            seg = segment_ids(cu_seqlens, labels_BL.shape[1])
-            target[:, seg[1:] != seg[:-1]] = IGNORE_INDEX
-        return F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+            seg = segment_ids(cu_seqlens, labels_BL.numel()).view(labels_BL.shape)
+            target[seg[:, 1:] != seg[:, :-1]] = IGNORE_INDEX
+        ce = F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+        return ce.view(target.shape), target != IGNORE_INDEX
+
+    @classmethod
+    def lm_loss(cls, logits_BLV: torch.Tensor, labels_BL: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        """Mean next-token cross-entropy over labelled tokens; never predicts across packed samples."""
+        ce, valid = cls.token_losses(logits_BLV, labels_BL, cu_seqlens)
+        return ce.sum() / valid.sum().clamp_min(1)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:

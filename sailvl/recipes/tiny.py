@@ -1,0 +1,86 @@
+"""The `tiny` recipe: the whole SAIL-VL2 stage list at CPU scale on the built-in synthetic world.
+
+Model: a 64 px / patch 8 SAIL-ViT (16 image tokens per tile after pixel shuffle) and a small Qwen3, sized
+from shared/CALIBRATION.md (what a 2-core CPU can teach to see in minutes). Data: `prepare_tiny` writes the
+synthetic world once (train / val / test) plus per-ability JSONL views of the train split, and trains a
+byte-level BPE on its text. Stages follow the paper: SAIL-ViT warm-up (adapter only, dense captions) ->
+fine-grained (ViT + adapter) -> world knowledge (all) -> basic pretraining with AdaLRS -> multi-task
+pretraining -> SFT -> LongCoT SFT -> Think-Fusion SFT (90% direct, 10% thinking).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import LLMConfig, SailVLConfig, VisionConfig
+from ..train.stages import DataSpec, RunConfig, Stage
+
+GROUPS = {
+    "captions": ["caption", "caption_pretrain"],
+    "scene": ["vqa_color", "vqa_shape", "vqa_count", "vqa_spatial", "vqa_compare", "vqa_yesno", "grounding",
+              "multi_change", "video_motion", "video_count"],
+    "text_in_image": ["ocr", "chart", "table"],
+    "math_direct": ["math_direct"],
+    "math_cot": ["math_cot"],
+    "text": ["text_instruct"],
+}
+VOCAB = 1024
+
+
+def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
+    vision = VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=64, patch_size=8)
+    llm = LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
+                    max_position_embeddings=4096, tie_word_embeddings=True)
+    return SailVLConfig(vision_config=vision, llm_config=llm, select_layer=-1, max_dynamic_patch=1)
+
+
+def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "tiny", scale: float = 1.0) -> RunConfig:
+    """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy)."""
+
+    def d(**weights: float) -> list[DataSpec]:
+        return [DataSpec(f"{data_dir}/train_{g}.jsonl", w, g) for g, w in weights.items()]
+
+    def steps(n: int) -> int:
+        return max(1, int(round(n * scale)))
+
+    common = dict(max_len=512, rows_per_step=8, grad_accum=1, warmup_steps=10, loss_weighting="token")
+    all_lr = {"vit": 1e-3, "adapter": 1e-3, "llm": 1e-3}
+    stages = [
+        Stage("vit_warmup", steps(60), d(captions=1), trainable=["adapter"], lr={"adapter": 3e-3}, **common),
+        Stage("vit_finegrained", steps(200), d(captions=3, text_in_image=1), trainable=["vit", "adapter", "llm"],
+              lr=all_lr, **common),
+        Stage("vit_world", steps(200), d(captions=2, scene=2, text_in_image=1, text=0.5), lr=all_lr, **common),
+        Stage("pretrain_basic", steps(60), d(captions=2, text_in_image=1), trainable=["adapter"],
+              lr={"adapter": 1e-3}, adalrs={"window": 10}, schedule="constant", **common),
+        Stage("pretrain_multitask", steps(400), d(captions=1, scene=3, text_in_image=2, math_direct=1, text=0.5),
+              lr=all_lr, schedule="wsd", **common),
+        Stage("sft", steps(300), d(captions=0.5, scene=3, text_in_image=2, math_direct=1, text=0.5),
+              lr={"vit": 5e-4, "adapter": 5e-4, "llm": 5e-4}, **common),
+        Stage("longcot_sft", steps(60), d(math_cot=1, math_direct=0.2), lr={"vit": 3e-4, "adapter": 3e-4, "llm": 3e-4},
+              **common),
+        Stage("think_fusion_sft", steps(100), d(scene=3, text_in_image=2, math_direct=1, math_cot=0.7, captions=0.3),
+              lr={"vit": 2e-4, "adapter": 2e-4, "llm": 2e-4}, **common),
+    ]
+    return RunConfig(name=name, model=tiny_model(), tokenizer=f"{data_dir}/tokenizer", out_dir=out_dir,
+                     stages=stages, checkpoint_every=100, log_every=20, precision="bf16")
+
+
+def prepare_tiny(run: RunConfig, n_train: int = 40_000, n_eval: int = 900, seed: int = 0) -> None:
+    """Write the synthetic world, its per-group views and the tokenizer under the run's data dir, once."""
+    from ..data.synth import generate_splits
+    from ..data.tokenizer import corpus_texts, train_bpe
+
+    data = Path(run.tokenizer).parent
+    if (data / "READY").exists():
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    generate_splits(data, n_train, n_eval, n_eval, seed=seed)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    for group, tasks in GROUPS.items():
+        keep = [line for line in lines if json.loads(line)["task"] in tasks]
+        (data / f"train_{group}.jsonl").write_text("\n".join(keep) + "\n")
+    train_bpe(corpus_texts([data / "train.jsonl"]), VOCAB, data / "tokenizer")
+    (data / "READY").write_text(json.dumps({"n_train": n_train, "n_eval": n_eval, "seed": seed}))

@@ -1,0 +1,1 @@
+"""Training: stages, trainer, optimisation, AdaLRS, model soup."""

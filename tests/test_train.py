@@ -1,0 +1,142 @@
+"""The trainer: stages as data, freezing, loss normalisation, non-finite steps, exact resume after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sailvl.config import tiny_config
+from sailvl.data.synth import generate
+from sailvl.data.tokenizer import corpus_texts, train_bpe
+from sailvl.model.vlm import SailVL
+from sailvl.train.stages import DataSpec, RunConfig, Stage
+from sailvl.train.trainer import Trainer, TrainingError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    generate(d, 300, seed=1, tasks=["caption", "vqa_color", "vqa_count", "ocr", "math_cot", "text_instruct"])
+    train_bpe(corpus_texts([d / "train.jsonl"]), 400, d / "tok")
+    return d
+
+
+def make_run(world, out, **kw) -> RunConfig:
+    cfg = tiny_config(vocab_size=400)
+    common = dict(max_len=256, rows_per_step=2, grad_accum=1, warmup_steps=1)
+    stages = [Stage("warm", 3, [DataSpec(str(world / "train.jsonl"))], trainable=["adapter"], lr={"adapter": 1e-3},
+                    **common),
+              Stage("all", 5, [DataSpec(str(world / "train.jsonl"))], lr={"vit": 5e-4, "adapter": 5e-4, "llm": 5e-4},
+                    **common)]
+    run = RunConfig(name="t", model=cfg, tokenizer=str(world / "tok"), out_dir=str(out), stages=stages,
+                    precision="fp32", checkpoint_every=2, log_every=1)
+    for k, v in kw.items():
+        setattr(run, k, v)
+    return run
+
+
+def losses(run_dir: Path) -> list[tuple[str, int, float]]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in recs]
+
+
+def test_stages_run_export_and_freeze(world, tmp_path):
+    run = make_run(world, tmp_path)
+    final = Trainer(run, quiet=True).fit()
+    assert final == tmp_path / "t" / "01_all" / "model" and (final / "DONE").exists()
+    warm = SailVL.from_pretrained(tmp_path / "t" / "00_warm" / "model")
+    torch.manual_seed(run.seed)
+    init = SailVL(run.model)  # the same seeded init the trainer made
+    for name, p in warm.state_dict().items():  # the adapter-only stage changed the adapter and nothing else
+        assert torch.equal(p, init.state_dict()[name]) != name.startswith("mlp1."), name
+    recs = losses(tmp_path / "t")
+    assert [(s, i) for s, i, _ in recs] == [("warm", i) for i in range(1, 4)] + [("all", i) for i in range(1, 6)]
+    assert (final / "tokenizer.json").exists() and (final / "preprocessor_config.json").exists()
+    assert json.loads((tmp_path / "t" / "run.json").read_text())["stages"][1]["name"] == "all"
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(make_run(world, tmp_path), quiet=True).fit()
+
+
+def test_grad_accum_equals_bigger_micro_batch(world, tmp_path):
+    """The loss is normalised over the whole step: 2 micro-batches of 1 row == 1 micro-batch of 2 rows."""
+    a = make_run(world, tmp_path / "a")
+    b = make_run(world, tmp_path / "b")
+    for s in b.stages:
+        s.rows_per_step, s.grad_accum = 1, 2
+    Trainer(a, quiet=True).fit()
+    Trainer(b, quiet=True).fit()
+    la, lb = losses(tmp_path / "a" / "t"), losses(tmp_path / "b" / "t")
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    for (_, _, x), (_, _, y) in zip(la, lb):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x))
+
+
+def test_non_finite_steps_are_skipped_then_stop(world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    orig = Trainer._losses
+
+    def flaky(model, b, total_w, row_len):
+        calls["n"] += 1
+        lm, aux, z, out = orig(model, b, total_w, row_len)
+        return (lm * float("nan") if calls["n"] == 2 else lm), aux, z, out
+
+    monkeypatch.setattr(Trainer, "_losses", staticmethod(flaky))
+    run = make_run(world, tmp_path)
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient, step skipped"):
+        Trainer(run, quiet=True).fit()
+    assert len([r for r in losses(tmp_path / "t") if r[0] == "warm"]) == 2  # step 2 skipped, not logged
+
+    monkeypatch.setattr(Trainer, "_losses", staticmethod(lambda m, b, w, r: (lambda o: (o[0] * float("inf"),) + o[1:])(
+        orig(m, b, w, r))))
+    run = make_run(world, tmp_path / "bad", max_bad_steps=2)
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row"), pytest.warns(RuntimeWarning):
+        Trainer(run, quiet=True).fit()
+
+
+def test_missing_init_and_tokenizer_are_clear_errors(world, tmp_path):
+    run = make_run(world, tmp_path)
+    run.stages[1].init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="starts from .*nowhere, which does not exist"):
+        Trainer(run, quiet=True).fit()
+    run = make_run(world, tmp_path / "x", tokenizer=str(tmp_path))
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        Trainer(run, quiet=True).fit()
+
+
+def test_kill_9_then_resume_continues_the_exact_loss_curve(world, tmp_path):
+    run = make_run(world, tmp_path / "killed")
+    for s in run.stages:
+        s.steps += 4  # long enough to be killed in the middle of stage "all"
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(run.to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "sailvl", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"stage": "all", "stage_index": 1, "step": 5' in line
+                                    for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = tmp_path / "killed" / "t" / "01_all" / "checkpoints"
+    (ckpts / "step_00000099").mkdir()  # a half-written checkpoint (no complete.json) is never picked
+    (ckpts / ".tmp-step_00000100-1").mkdir()
+    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    got = losses(tmp_path / "killed" / "t")
+    uninterrupted = make_run(world, tmp_path / "full")
+    for s in uninterrupted.stages:
+        s.steps += 4
+    Trainer(uninterrupted, quiet=True).fit()
+    assert got == losses(tmp_path / "full" / "t")  # bit-identical floats, same steps, no duplicates
