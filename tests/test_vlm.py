@@ -107,3 +107,17 @@ def test_packed_rows_as_batch_equal_one_long_row():
                - model(ids.view(1, -1), labels=labels.view(1, -1), cu_seqlens=cu).loss.item()) <= 1e-5
     with pytest.raises(ValueError, match="crosses a row boundary"):
         model(ids, cu_seqlens=torch.tensor([0, 6, 11, 16]))
+
+
+def test_per_sample_attention_path_equals_masked_path(monkeypatch):
+    import sailvl.model.attention as A
+
+    model = make_model()
+    ids = torch.randint(10, 100, (2, 8))
+    cu = torch.tensor([0, 6, 8, 11, 16])
+    with torch.no_grad():
+        monkeypatch.setattr(A, "PER_SEGMENT_MIN_MEAN_LEN", 10**9)
+        masked = model(ids, cu_seqlens=cu).logits
+        monkeypatch.setattr(A, "PER_SEGMENT_MIN_MEAN_LEN", 1)
+        per_sample = model(ids, cu_seqlens=cu).logits
+    assert (masked - per_sample).abs().max() <= 1e-5
