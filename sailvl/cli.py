@@ -9,8 +9,26 @@ import sys
 def _demo(args) -> int:
     from .demo import run
 
-    rows = run(args.out, seed=args.seed)
-    return 0 if all(r["reload_exact"] for r in rows) else 1
+    _tune_malloc()
+    run(args.out, scale=args.scale, quick=args.quick, seed=args.seed, resume=args.resume)
+    return 0
+
+
+def _tune_malloc() -> None:
+    """Keep freed memory in the process (glibc): on VMs where fresh pages are expensive, returning and
+    re-faulting the activations' memory every training step cost several-fold slowdowns."""
+    import ctypes
+    import sys as _sys
+
+    if not _sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD (glibc's maximum, 32 MiB)
+        libc.mallopt(-2, 1 << 28)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
 
 
 def _compose(args) -> int:
@@ -55,8 +73,16 @@ def _train(args) -> int:
 
         print(describe(build_run(args.recipe, args.overrides)))
         return 0
+    _tune_malloc()
     final = train_recipe(args.recipe, args.overrides, resume=args.resume)
     print(f"final model: {final}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 
@@ -72,9 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sailvl", description="Train, serve and evaluate SAIL-VL2-style VLMs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="build, save, reload and generate from tiny models (CPU, seconds)")
-    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d = sub.add_parser("demo", help="the whole system on a CPU: synthetic data -> all training stages -> eval -> chat")
+    d.add_argument("--out", default="runs", help="runs directory (default: runs; the run is runs/demo)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (time vs accuracy)")
+    d.add_argument("--quick", action="store_true", help="a one-minute smoke run (tiny data, a few steps)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     d.set_defaults(func=_demo)
 
     conv = sub.add_parser("convert", help="checkpoint conversions")
@@ -95,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.add_argument("--dry-run", action="store_true", help="build and validate the run, print shapes and sizes")
     tr.set_defaults(func=_train)
+
+    pl = sub.add_parser("plot", help="loss / lr / throughput curves of a run to PNG")
+    pl.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    pl.set_defaults(func=_plot)
 
     so = sub.add_parser("soup", help="model soup: average homologous checkpoints (same config)")
     so.add_argument("models", nargs="+", help="SAIL-VL2 model directories")
@@ -134,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"sailvl {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and tasks (the full harness arrives with the evaluation issue)."""
