@@ -73,9 +73,12 @@ def _train(args) -> int:
 
         print(describe(build_run(args.recipe, args.overrides)))
         return 0
+    from . import distributed as D
+
     _tune_malloc()
     final = train_recipe(args.recipe, args.overrides, resume=args.resume)
-    print(f"final model: {final}")
+    if D.is_main():
+        print(f"final model: {final}")
     return 0
 
 

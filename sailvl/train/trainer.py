@@ -11,7 +11,11 @@ Features:
     every `checkpoint_every` steps; `resume=True` continues from the newest complete one and reproduces the
     uninterrupted loss curve exactly on CPU;
   - each stage ends with a SAIL-VL2-layout model directory `NN_stage/model` (weights, tokenizer, processor);
-  - `metrics.jsonl` (one line per step) and a progress line with loss, lr, tokens/s and ETA.
+  - `metrics.jsonl` (one line per step) and a progress line with loss, lr, tokens/s and ETA;
+  - under torchrun (several ranks): FSDP2 per ViT block / decoder layer (`sailvl.distributed.parallelize`,
+    bf16 as a mixed-precision policy instead of autocast), gradients summed over ranks so the same global
+    batch gives the same loss and update as one process, sharded checkpoints loadable on any number of ranks
+    (`sailvl.distributed.checkpoint`), the stage export gathered to rank 0, metrics summed over ranks.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from pathlib import Path
 import torch
 
 from .. import distributed as D
-from ..checkpoint.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint.state import latest_checkpoint
 from ..data.loader import MixtureLoader
 from ..data.packing import PackedBatch, StreamPacker
 from ..data.processor import Processor, ProcessorConfig
 from ..data.sources import open_sources
 from ..data.tokenizer import load_tokenizer
+from ..distributed.checkpoint import gather_model, load_train_state, save_train_state
+from ..distributed.parallelize import parallelize
 from ..model.vlm import SailVL
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
 from .progress import Progress
@@ -79,6 +85,8 @@ class Trainer:
             t0 = time.perf_counter()
             self._train_stage(si, stage, model, processor)
             self._export(model, processor, tok_dir, export)
+            if self.world > 1:  # FSDP units are built per trainable set: the next stage wraps a fresh copy
+                model = SailVL.from_pretrained(export, dtype=torch.float32, device=self.device)
             final = export
             self._say(f"stage {stage.name}: {stage.steps} steps in {time.perf_counter() - t0:.1f}s -> {export}")
         return final
@@ -88,7 +96,9 @@ class Trainer:
 
     def _prepare_dir(self) -> None:
         cfg_file = self.dir / "run.json"
-        if cfg_file.exists() and not self.resume:
+        exists = cfg_file.exists()
+        D.barrier()  # every rank looks before rank 0 writes
+        if exists and not self.resume:
             raise ValueError(f"{self.dir} already holds a run; pass --resume to continue it or choose another name")
         if D.is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +154,8 @@ class Trainer:
         run, cfg = self.run, model.config.llm_config
         n_train, n_total = apply_trainable(model, stage)
         model.language_model.grad_ckpt = model.vision_model.grad_ckpt = run.activation_checkpointing
+        if self.world > 1:  # after freezing: FSDP units are built for this stage's trainable parameters
+            parallelize(model, run.precision, run.activation_checkpointing)
         model.train()
         optimizer = build_optimizer(model, stage)
         packer = self._data(si, stage, processor)
@@ -155,10 +167,8 @@ class Trainer:
         step, bad, tokens_seen = 0, 0, 0
         ckpt_root = self.stage_dir(si) / "checkpoints"
         latest = latest_checkpoint(ckpt_root) if self.resume else None
-        if latest is not None:
-            model_state, state = load_checkpoint(latest)
-            model.load_state_dict({k: v.to(self.device) for k, v in model_state.items()})
-            optimizer.load_state_dict(state["optimizer"])
+        if latest is not None:  # model and optimiser load in place, from a checkpoint of any number of ranks
+            state = load_train_state(latest, model, optimizer, packer)
             packer.load_state_dict(state["packer"])
             if adalrs is not None:
                 adalrs.load_state_dict(state["adalrs"])
@@ -169,7 +179,9 @@ class Trainer:
             self._say(f"stage {stage.name}: resumed from {latest}")
         self._say(f"stage {stage.name}: {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters train, "
                   f"{stage.steps} steps of {stage.grad_accum} x {stage.rows_per_step} x {stage.max_len} tokens")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
+        use_autocast = run.precision == "bf16" and self.world == 1  # under FSDP: its mixed-precision policy
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+        sync = self.world > 1  # every rank runs the same backward passes and norm (FSDP collectives)
         batches = iter(packer)
         progress = Progress(stage.steps, stage.name, every=run.log_every, enabled=D.is_main() and not self.quiet,
                             start=step)
@@ -183,17 +195,19 @@ class Trainer:
             for b in micro:
                 with autocast:
                     lm, aux, z, out = self._losses(model, b, total_w, stage.max_len)
-                loss = lm + (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z) / stage.grad_accum
+                moe = cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z  # averaged over micro-steps, ranks
+                loss = lm + moe / (stage.grad_accum * self.world)
                 if not torch.isfinite(loss):
                     finite = False
-                    break
+                    if not sync:
+                        break  # (ranks in sync go on: the non-finite gradient norm skips the step below)
                 loss.backward()
                 sums["loss"] += loss.item()
                 sums["lm"] += lm.item()
                 sums["aux"] += aux.item() / stage.grad_accum
                 if out.router_logits:
                     loads.append(out.expert_load(cfg.num_experts, cfg.num_experts_per_tok)[0])
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip) if finite else torch.tensor(float("nan"))
+            grad_norm = D.clip_grad_norm_(params, run.grad_clip) if finite or sync else torch.tensor(float("nan"))
             flag = D.all_reduce_sum(torch.tensor([0.0 if finite and torch.isfinite(grad_norm) else 1.0]))
             if flag.item() > 0:
                 optimizer.zero_grad(set_to_none=True)
@@ -212,17 +226,22 @@ class Trainer:
             set_lr(optimizer, lr_at(stage, step) * scale)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            n_tok, n_samples = sum(b.num_tokens for b in micro), sum(b.num_samples for b in micro)
+            if sync:  # the global step: losses and counts summed over ranks (the aux loss averaged)
+                tot = D.all_reduce_sum(torch.tensor([sums["loss"], sums["lm"], sums["aux"], n_tok, n_samples],
+                                                    dtype=torch.float64))
+                sums = {"loss": float(tot[0]), "lm": float(tot[1]), "aux": float(tot[2]) / self.world}
+                n_tok, n_samples = int(tot[3]), int(tot[4])
             event = None
-            if adalrs is not None:  # every rank must see the same (global) loss to take the same decision
-                event = adalrs.step(float(D.all_reduce_sum(torch.tensor([sums["loss"]]))[0]))
+            if adalrs is not None:  # every rank sees the same (global) loss and takes the same decision
+                event = adalrs.step(float(torch.tensor([sums["loss"]])[0]))
             step += 1
-            n_tok = sum(b.num_tokens for b in micro)
             tokens_seen += n_tok
             dt = time.perf_counter() - t0
             rec = {"stage": stage.name, "stage_index": si, "step": step, "loss": sums["loss"], "lm_loss": sums["lm"],
                    "lr": optimizer.param_groups[0]["lr"], "lr_scale": scale, "grad_norm": float(grad_norm),
-                   "tokens": n_tok, "tokens_per_s": n_tok * self.world / dt,
-                   "samples": sum(b.num_samples for b in micro), "pad_frac": packer.stats["padding_fraction"],
+                   "tokens": n_tok, "tokens_per_s": n_tok / dt,
+                   "samples": n_samples, "pad_frac": packer.stats["padding_fraction"],
                    "tokens_seen": tokens_seen}
             if loads:
                 rec.update(self._moe_stats(loads, sums["aux"]))
@@ -231,13 +250,10 @@ class Trainer:
             self._log(rec)
             progress.update(step, loss=sums["loss"], lr=rec["lr"], tok_s=int(rec["tokens_per_s"]))
             if step % run.checkpoint_every == 0 or step == stage.steps:
-                state = {"step": step, "bad_steps": bad, "tokens_seen": tokens_seen,
-                         "optimizer": optimizer.state_dict(), "packer": packer.state_dict(),
+                state = {"step": step, "bad_steps": bad, "tokens_seen": tokens_seen, "packer": packer.state_dict(),
                          "adalrs": adalrs.state_dict() if adalrs is not None else None,
                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-                if D.is_main():
-                    save_checkpoint(ckpt_root, step, model.state_dict(), state, keep=run.keep_checkpoints)
-                D.barrier()
+                save_train_state(ckpt_root, step, model, optimizer, state, keep=run.keep_checkpoints)
 
     @staticmethod
     def _losses(model: SailVL, b: PackedBatch, total_w: torch.Tensor, row_len: int):
@@ -260,6 +276,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- outputs
     def _export(self, model: SailVL, processor: Processor, tok_dir: Path, export: Path) -> None:
+        model = gather_model(model)  # one process: the model itself; FSDP: the full weights on rank 0
         if D.is_main():
             model.save_pretrained(export)
             processor.save_pretrained(export, source_dir=tok_dir)
