@@ -53,7 +53,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..checkpoint.state import complete_checkpoints, flatten, load_checkpoint, save_checkpoint, unflatten
+from ..checkpoint.state import (complete_checkpoints, flatten, fsync_dir, load_checkpoint, save_checkpoint,
+                                unflatten)
 from . import barrier, is_dist, is_main, rank, world_size
 
 SHARDED = "sharded.json"
@@ -86,11 +87,11 @@ def save_train_state(ckpt_root: str | Path, step: int, model: torch.nn.Module, o
     barrier()
     if is_main():
         (tmp / "complete.json").write_text(json.dumps({"step": step, "world_size": world_size()}))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-run of the same step (after a resume) replaces the old one
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -119,17 +120,6 @@ def _write_nested(stem: Path, obj: Any) -> None:
 
 def _read_nested(stem: Path) -> Any:
     return unflatten(json.loads(Path(str(stem) + ".json").read_text()), load_file(str(stem) + ".safetensors"))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------- load
