@@ -61,7 +61,6 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, tor
     """Atomically write checkpoint `step` under ckpt_root; keep only the newest `keep` complete ones."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -70,9 +69,16 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, tor
     skeleton = flatten(state, tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
-    (tmp / "complete.json").write_text(json.dumps({"step": step}))
+    return publish(tmp, step, keep)
+
+
+def publish(tmp: Path, step: int, keep: int | None = None, **info) -> Path:
+    """Mark a fully written temporary checkpoint directory complete, rename it into place as `step_N`
+    (replacing a same-step one from before a resume) and keep only the newest `keep` complete ones."""
+    root, final = tmp.parent, tmp.parent / f"step_{step:08d}"
+    (tmp / "complete.json").write_text(json.dumps({"step": step, **info}))
     fsync_dir(tmp)
-    if final.exists():  # a re-run of the same step (after a resume) replaces the old one
+    if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -53,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..checkpoint.state import (complete_checkpoints, flatten, fsync_dir, load_checkpoint, save_checkpoint,
+from ..checkpoint.state import (flatten, load_checkpoint, publish, save_checkpoint,
                                 unflatten)
 from . import barrier, is_dist, is_main, rank, world_size
 
@@ -86,15 +85,7 @@ def save_train_state(ckpt_root: str | Path, step: int, model: torch.nn.Module, o
         (tmp / SHARDED).write_text(json.dumps({"world_size": world_size(), "param_groups": groups}))
     barrier()
     if is_main():
-        (tmp / "complete.json").write_text(json.dumps({"step": step, "world_size": world_size()}))
-        fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step (after a resume) replaces the old one
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        if keep:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, step, keep, world_size=world_size())
     barrier()
     return final
 
