@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llm.py
 	$(BIN)/python benchmarks/bench_moe.py
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_packing.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
