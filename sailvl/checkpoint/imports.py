@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from ..config import LLMConfig, SailVLConfig, VisionConfig
+from ..data.tokenizer import TOKENIZER_FILES
 from .hf import CheckpointError, from_checkpoint, load_state_strict, read_safetensors
 
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
 def _read_config(path: Path) -> dict:

@@ -20,13 +20,11 @@ from ..config import SailVLConfig
 from .image import DEFAULT_MAX_PIXELS, ImageError, load_image, max_tiles_for, native_resize, tiles_tensor, to_tensor
 from .schema import Sample, SkipSample
 from .template import IMG_CONTEXT, IM_END, JINJA_TEMPLATE, Visuals, parse_thinking, render
-from .tokenizer import load_tokenizer, token_id
+from .tokenizer import TOKENIZER_FILES, load_tokenizer, token_id
 from .video import load_frames, plan_dynamic, sample_uniform
 
 IGNORE_INDEX = -100
 CONFIG_NAME = "preprocessor_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json")
 
 
 @dataclass

@@ -11,6 +11,11 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+# The HF tokenizer / chat-template files a model directory may carry (copied as a set by compose, the
+# processor and model soup).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "tokenizer.model", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
 # As in Qwen3: whole tokens, but not "special", so decoding keeps them and thinking can be parsed.
 THINK_TOKENS = ["<think>", "</think>"]
 

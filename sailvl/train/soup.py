@@ -36,17 +36,14 @@ from safetensors import safe_open
 
 from ..checkpoint.hf import CheckpointError, safetensors_files, write_safetensors
 from ..config import SailVLConfig
+from ..data.tokenizer import TOKENIZER_FILES
 
 __all__ = ["COPIED_FILES", "IGNORED_CONFIG_KEYS", "soup"]
 
 # Config fields that may differ between soup ingredients (compared on the last component of a dotted key).
 IGNORED_CONFIG_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version", "_name_or_path", "_commit_hash"})
 # Non-weight files of a model directory copied from the first ingredient.
-COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json",
-)
+COPIED_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
