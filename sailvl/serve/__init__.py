@@ -1,0 +1,1 @@
+"""Inference and serving: the batching engine, `sailvl chat` / `sailvl caption`, the OpenAI-compatible server."""
