@@ -1,4 +1,5 @@
-"""The built-in synthetic world's test split as an evaluation task (one score per ability).
+"""The built-in synthetic world's test split as an evaluation task (one score per ability), as the demo runs
+it in-process. `sailvl eval --task synth` runs the same tasks and scorers through the resumable runner.
 
 Every record carries its task and verifiable answer. Scoring: exact match of the normalised short
 answer; the last `\\boxed{}` for thinking tasks; IoU >= 0.5 for grounding; bag-of-words F1 for captions
@@ -18,9 +19,8 @@ from ..data.sources import JsonlSource
 from ..data.template import parse_thinking
 from ..model.generate import GenerationConfig, generate
 from .metrics import exact_match, grounding_hit, token_f1
-
-CAPTION_TASKS = ("caption", "caption_pretrain")
-THINKING_TASKS = ("math_cot",)
+from .tasks import SYNTH_CAPTION_TASKS as CAPTION_TASKS
+from .tasks import SYNTH_THINKING_TASKS as THINKING_TASKS
 
 
 def score(task: str, prediction: str, answer: str) -> float:
@@ -53,7 +53,10 @@ def evaluate(model, processor, test_jsonl: str | Path, *, limit_per_task: int | 
         if limit_per_task is None or len(by_task[s.task]) < limit_per_task:
             by_task[s.task].append(s)
     model.eval()
-    decode = lambda ids: processor.decode(ids, skip_special_tokens=False)  # noqa: E731
+
+    def decode(ids):
+        return processor.decode(ids, skip_special_tokens=False)
+
     results = []
     for task, samples in sorted(by_task.items()):
         budget = thinking_tokens if task in THINKING_TASKS else max_new_tokens
@@ -64,7 +67,10 @@ def evaluate(model, processor, test_jsonl: str | Path, *, limit_per_task: int | 
             pixels = [x["pixel_values"] for x in inputs if x["pixel_values"] is not None]
             pixel_values = None
             if pixels:
-                pixel_values = torch.cat(pixels) if isinstance(pixels[0], torch.Tensor) else sum(pixels, [])
+                if isinstance(pixels[0], torch.Tensor):
+                    pixel_values = torch.cat(pixels)
+                else:  # native resolution: one list of images
+                    pixel_values = [p for group in pixels for p in group]
                 if isinstance(pixel_values, torch.Tensor):
                     pixel_values = pixel_values.to(model.device, model.dtype)
             out = generate(model, [x["input_ids"].tolist() for x in inputs], gen, pixel_values=pixel_values,
