@@ -108,7 +108,9 @@ def test_same_global_batch_same_loss_and_update(world, tmp_path, monkeypatch):  
         s.rows_per_step = 1  # per rank
     launch([__file__, "train-one-row-buffer", str(write_run(two, tmp_path / "two.json"))])
     a, b = records(tmp_path / "one" / "t"), records(tmp_path / "two" / "t")
-    key = lambda r: (r["stage"], r["step"], r["tokens"], r["samples"])
+    def key(r):
+        return r["stage"], r["step"], r["tokens"], r["samples"]
+
     assert [key(r) for r in a] == [key(r) for r in b]  # the same global batches, summed over ranks
     for x, y in zip(a, b):  # measured: <= 2.3e-7 relative (loss), <= 7e-7 (grad norm)
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
@@ -144,7 +146,7 @@ def test_two_rank_checkpoint_loads_exactly_and_resumes_on_one_process(world, tmp
     apply_trainable(model, stage)
     optimizer = build_optimizer(model, stage)
     state = load_train_state(ckpt, model, optimizer)
-    assert state["step"] == 4 and state["packer"]["loader"]["world_size"] == 2
+    assert state["step"] == 4 and state["packer"]["loader"]["world_size"] == 1  # visual packing: global stream
     saved = assembled(ckpt / "dcp")
     exported = SailVL.from_pretrained(t / "01_all" / "model").state_dict()
     for k, v in model.state_dict().items():
@@ -194,7 +196,7 @@ def test_two_rank_resume_on_two_ranks_continues_the_exact_loss_curve(world, tmp_
 
 
 def test_one_process_checkpoint_loads_exactly_on_two_ranks(world, tmp_path):  # noqa: F811
-    run = make_run(world, tmp_path)
+    run = make_run(world, tmp_path, visual_packing=False)  # per-rank data shards: the loader layout changes
     run.stages = run.stages[1:]
     run.stages[0].steps = 2
     Trainer(run, quiet=True).fit()
@@ -280,6 +282,30 @@ def test_data_position_continues_the_epoch_on_a_new_layout(old, new):
         after += mine[:todo]
     assert set(trained) | set(after) == set(range(n))  # no record of the epoch skipped
     assert len(trained) + len(after) - n <= 2 * buffer * (old + new) + 4 * old  # few read twice
+
+
+def test_global_stream_position_continues_exactly_on_a_new_layout():
+    """Visual packing: every rank packs the one global stream, so its position moves to any number of ranks
+    exactly: one process continues with the very rows the two ranks would have trained next."""
+    def packer(balance=None):
+        loader = MixtureLoader([(Numbers(101), 1.0)], seed=3)
+        return StreamPacker(loader, max_len=8, buffer_size=4, balance=balance)
+
+    old = [packer((r, 2)) for r in range(2)]
+    its = [iter(p) for p in old]
+    for it in its:
+        for _ in range(5):
+            next(it)
+    states = [p.state_dict() for p in old]
+    next_rows = sorted(tuple(ref) for it in its for _ in range(2) for ref in next(it).refs)
+    one = packer()
+    one.load_state_dict(reshard_packer_state(states, one.state_dict()))
+    it = iter(one)
+    assert sorted(tuple(ref) for _ in range(4) for ref in next(it).refs) == next_rows
+    sharded = StreamPacker(MixtureLoader([(Numbers(101), 1.0)], seed=3, rank=0, world_size=2), max_len=8,
+                           buffer_size=4)
+    with pytest.raises(ValueError, match="visual packing"):
+        reshard_packer_state([sharded.state_dict(), states[0]], one.state_dict())
 
 
 def test_a_live_adalrs_trial_is_abandoned_on_a_new_layout():

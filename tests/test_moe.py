@@ -6,6 +6,8 @@ import torch
 from sailvl.config import LLMConfig
 from sailvl.model.moe import SparseMoeBlock, expert_load, load_balancing_loss, router_z_loss
 
+from .conftest import make_model
+
 
 def _block(norm=True):
     cfg = LLMConfig(hidden_size=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
@@ -50,3 +52,21 @@ def test_aux_loss_is_one_when_uniform_and_z_loss_and_load():
     load, ent = expert_load([skewed, torch.randn(6, 4)], 4, 2)
     assert load.shape == (2, 4) and load[0].tolist() == [0.5, 0.5, 0.0, 0.0]
     assert abs(ent[0].item() - 0.5) < 1e-6 and torch.allclose(load.sum(-1), torch.ones(2))
+
+
+def test_packed_padding_is_not_counted_in_router_statistics():
+    """A packed row [sample, padding]: with the packer's token_mask, the aux loss and the expert load are
+    those of the sample alone."""
+    model = make_model(moe=True)
+    torch.manual_seed(3)
+    ids = torch.randint(10, 200, (1, 10))
+    alone = model(ids)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], 1)
+    mask = torch.tensor([[True] * 10 + [False] * 6])
+    packed = model(padded, cu_seqlens=torch.tensor([0, 10, 16]), token_mask=mask)
+    cfg = model.config.llm_config
+    torch.testing.assert_close(packed.aux_loss, alone.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.expert_load(cfg.num_experts, cfg.num_experts_per_tok)[0],
+                               alone.expert_load(cfg.num_experts, cfg.num_experts_per_tok)[0])
+    unmasked = model(padded, cu_seqlens=torch.tensor([0, 10, 16]))
+    assert not torch.allclose(unmasked.aux_loss, alone.aux_loss)

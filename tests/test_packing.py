@@ -383,3 +383,27 @@ def test_resume_near_the_end_of_a_finite_stream():
         for a, b in zip(rest, full[k:]):
             assert_same(a, b)
     assert full[-1].input_ids.shape[1] in (128, 256, 384)
+
+
+def test_visual_packing_balances_vision_tokens_across_ranks(synth_mix):
+    """balance=(rank, 2): the two ranks' rows together are exactly the rows of one packer with twice the rows
+    per step, and the vision tokens per step are spread more evenly than a contiguous split would."""
+    proc, train, extra = synth_mix
+    mk = lambda **kw: StreamPacker(loader_over([(train, 3), (extra, 1)], proc), max_len=512,  # noqa: E731
+                                   buffer_size=32, **kw)
+    whole = list(mk(rows_per_step=4))
+    ranks = [list(mk(rows_per_step=2, balance=(r, 2))) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    # a finite stream's last step with fewer rows than ranks is dropped (every rank stops together)
+    assert len(whole) == len(ranks[0]) or (len(whole) == len(ranks[0]) + 1 and whole[-1].input_ids.shape[1] == 512)
+    gap_balanced = gap_contiguous = 0
+    for w, a, b in zip(whole, *ranks):
+        assert sorted(map(tuple, a.refs + b.refs)) == sorted(map(tuple, w.refs))
+        assert a.num_tokens + b.num_tokens == w.num_tokens
+        gap_balanced += abs(a.num_image_tokens - b.num_image_tokens)
+        rows = w.input_ids.reshape(-1, 512)
+        vis = [int((r == proc.img_context_id).sum()) for r in rows]
+        gap_contiguous += abs(sum(vis[: len(vis) // 2]) - sum(vis[len(vis) // 2:]))
+    assert gap_balanced < gap_contiguous
+    with pytest.raises(ValueError, match="balance"):
+        mk(rows_per_step=2, balance=(2, 2))

@@ -66,7 +66,7 @@ def test_qwen3_moe_logits_and_aux_loss_match_transformers(tmp_path, norm_topk):
     mask[0, :5] = 0
     with torch.no_grad():
         ref_m = hf(ids, attention_mask=mask, labels=ids)
-    hf_logits_m = [l for l in ref_m.router_logits]
+    hf_logits_m = list(ref_m.router_logits)
     assert abs(load_balancing_loss(hf_logits_m, 8, 3, mask.reshape(-1)).item() - ref_m.aux_loss.item()) <= 1e-6
 
 

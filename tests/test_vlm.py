@@ -121,3 +121,44 @@ def test_per_sample_attention_path_equals_masked_path(monkeypatch):
         monkeypatch.setattr(A, "PER_SEGMENT_MIN_MEAN_LEN", 1)
         per_sample = model(ids, cu_seqlens=cu).logits
     assert (masked - per_sample).abs().max() <= 1e-5
+
+
+def test_labelled_token_losses_equal_full_logits_path():
+    """The trainer's loss (LM head on labelled positions only) equals the full-logits cross-entropy."""
+    from sailvl.model.vlm import IGNORE_INDEX as IGN
+
+    model = make_model()
+    torch.manual_seed(1)
+    ids = torch.randint(10, 200, (2, 24))
+    labels = ids.clone()
+    labels[:, :9] = IGN
+    labels[1, 15:18] = IGN
+    cu = torch.tensor([0, 10, 24, 40, 48])
+    out = model(ids, cu_seqlens=cu)
+    ce_full, valid_full = model.token_losses(out.logits, labels, cu)
+    hid = model(ids, cu_seqlens=cu, compute_logits=False)
+    assert hid.logits is None
+    ce, valid = model.labelled_token_losses(hid.hidden, labels, cu)
+    assert torch.equal(valid, valid_full)
+    assert ce.shape == (int(valid.sum()),)
+    torch.testing.assert_close(ce, ce_full[valid], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matmul_attention_path_matches_sdpa(causal):
+    """The CPU bf16 training path (explicit matmuls) gives SDPA's outputs and gradients."""
+    from sailvl.model import attention as A
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 40, 16, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(3, 2, 40, 16, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(3, 2, 40, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = A.attention(q, k, v, causal=causal)
+    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
+                                         is_causal=causal)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), g)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g.float())
+    for a, b in ((gq, rq), (gk, rk), (gv, rv)):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)

@@ -41,7 +41,11 @@ rebuilds the buffered items with `loader.reread(ref)`, so a fresh packer over a 
 the batches the uninterrupted packer would have yielded next (the item processing must be deterministic).
 
 Visual packing (`assign_rows_to_ranks`): rows of a global step are spread over data-parallel ranks greedily,
-most vision tokens first, onto the least-loaded rank, so the ViT work per device is balanced.
+most vision tokens first, onto the least-loaded rank, so the ViT work per device is balanced. With
+`balance=(rank, world_size)` every rank packs the same global stream (its loader must be the unsharded one,
+identical on every rank) into `rows_per_step * world_size` rows per step and assembles only its share; the
+rows of all ranks together are exactly the rows one unbalanced packer with `rows_per_step * world_size`
+yields. The price is that every rank reads and preprocesses the whole global batch.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class PackedBatch:
     num_tokens: int  # real (non-pad) tokens
     num_image_tokens: int
     refs: list[tuple[int, int]] = field(default_factory=list)  # loader refs of the samples, in sequence order
+    token_mask: torch.Tensor | None = None  # [1, N] bool, True on sample tokens, False on padding
 
     def to(self, device, dtype: torch.dtype | None = None) -> PackedBatch:
         """A copy on `device`; `dtype` (if given) applies to pixel_values only."""
@@ -88,7 +93,8 @@ class PackedBatch:
             pv = [move(p, True) for p in pv]
         return PackedBatch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.cu_seqlens),
                            self.max_seqlen, move(self.loss_weights), pv, self.num_samples, self.num_pad,
-                           self.num_tokens, self.num_image_tokens, list(self.refs))
+                           self.num_tokens, self.num_image_tokens, list(self.refs),
+                           None if self.token_mask is None else move(self.token_mask))
 
     @property
     def segment_lengths(self) -> list[int]:
@@ -194,7 +200,8 @@ class StreamPacker:
     """Packs `loader.with_refs()` items (Processor dicts) into PackedBatches; see the module doc."""
 
     def __init__(self, loader, max_len: int, rows_per_step: int = 1, buffer_size: int = 64,
-                 loss_weighting: str = "token", pad_id: int = 0, max_wait_rows: int = 32):
+                 loss_weighting: str = "token", pad_id: int = 0, max_wait_rows: int = 32,
+                 balance: tuple[int, int] | None = None):
         for name, v in (("max_len", max_len), ("rows_per_step", rows_per_step), ("buffer_size", buffer_size),
                         ("max_wait_rows", max_wait_rows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -204,6 +211,11 @@ class StreamPacker:
         self.loader = loader
         self.max_len, self.rows_per_step, self.buffer_size = max_len, rows_per_step, buffer_size
         self.loss_weighting, self.pad_id, self.max_wait_rows = loss_weighting, int(pad_id), max_wait_rows
+        if balance is not None:
+            rank, world = balance
+            if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+                raise ValueError(f"balance must be (rank, world_size) with 0 <= rank < world_size, got {balance!r}")
+        self.balance = balance
         self._buffer: list[_Entry] = []
         self._source: Iterator | None = None
         self._exhausted = False
@@ -212,17 +224,24 @@ class StreamPacker:
     # ------------------------------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[PackedBatch]:
         """Yields from the current position (a packer is one stream; a second `iter` continues it)."""
+        world = self.balance[1] if self.balance is not None else 1
         while True:
             rows = []
-            for _ in range(self.rows_per_step):
+            for _ in range(self.rows_per_step * world):
                 self._refill()
                 if not self._buffer:
                     break
                 rows.append(self._next_row())
             if not rows:
                 return
+            full = len(rows) == self.rows_per_step * world
+            if len(rows) < world:  # a finite stream's last rows cannot give every rank one: all ranks stop
+                return
+            if self.balance is not None:  # visual packing: this rank's share of the global step's rows
+                vision = [sum(int(e.item.get("num_image_tokens", 0) or 0) for e in row) for row in rows]
+                rows = [rows[i] for i in assign_rows_to_ranks(vision, world)[self.balance[0]]]
             yield self._assemble(rows)
-            if len(rows) < self.rows_per_step:
+            if not full:
                 return
 
     def _refill(self) -> None:
@@ -269,7 +288,7 @@ class StreamPacker:
         return row
 
     def _assemble(self, rows: list[list[_Entry]]) -> PackedBatch:
-        ids, labels, pos, weights, seglens, pixels = [], [], [], [], [], []
+        ids, labels, pos, weights, seglens, pixels, real = [], [], [], [], [], [], []
         mode, n_img, n_pad, n_real, n_samples, refs = None, 0, 0, 0, 0, []
         for row in rows:
             used = 0
@@ -293,7 +312,9 @@ class StreamPacker:
                     pixels.extend([pv] if kind == "tiles" else list(pv))
             n_real += used
             n_samples += len(row)
+            real.append(torch.ones(used, dtype=torch.bool))
             if pad := self.max_len - used:
+                real.append(torch.zeros(pad, dtype=torch.bool))
                 ids.append(torch.full((pad,), self.pad_id, dtype=torch.long))
                 labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
                 pos.append(torch.arange(pad))
@@ -310,7 +331,8 @@ class StreamPacker:
         c["pad_tokens"] += n_pad
         c["image_tokens"] += n_img
         return PackedBatch(torch.cat(ids)[None], torch.cat(labels)[None], torch.cat(pos)[None], cu, max(seglens),
-                           torch.cat(weights)[None], pixel_values, n_samples, n_pad, n_real, n_img, refs)
+                           torch.cat(weights)[None], pixel_values, n_samples, n_pad, n_real, n_img, refs,
+                           torch.cat(real)[None])
 
     # ------------------------------------------------------------------------------------------ stats / state
     @property

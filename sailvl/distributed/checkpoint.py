@@ -164,11 +164,14 @@ def _optim_by_name(opt_state: dict, model: torch.nn.Module, optimizer: torch.opt
 def _reshard_state(states: list[dict], packer, path: Path) -> dict:
     """This rank's state from the states of a checkpoint written by len(states) != world_size() ranks."""
     old, new, r = len(states), world_size(), rank()
+    global_stream = all(s.get("packer", {}).get("loader", {}).get("world_size") == 1 for s in states)
     if is_main():
+        data = ("the data stream (visual packing: one global stream) continues exactly, but per-rank row "
+                "batches differ" if global_stream else
+                "the data position continues approximately (each source's current epoch goes on from the first "
+                "record an old rank had not read, so a few records are read twice)")
         warnings.warn(f"{path} was written by {old} rank(s) and is resumed on {new}: model and optimiser load "
-                      f"exactly; the data position continues approximately (each source's current epoch goes on "
-                      f"from the first record an old rank had not read, so a few records are read twice) and the "
-                      f"loss curve will differ from an uninterrupted run",
+                      f"exactly; {data}, and the loss curve will differ from an uninterrupted run",
                       RuntimeWarning, stacklevel=3)
     state = dict(states[0])  # step, bad_steps, tokens_seen are the same on every rank
     state["rng"] = states[r % old]["rng"]
@@ -200,6 +203,16 @@ def reshard_packer_state(old: list[dict], fresh: dict) -> dict:
     for key in ("max_len", "rows_per_step", "buffer_size", "max_wait_rows", "loss_weighting", "pad_id"):
         if any(o.get(key) != fresh[key] for o in old):
             raise ValueError(f"packer setting {key} changed: {[o.get(key) for o in old]} -> {fresh[key]}")
+    global_stream = [o["loader"]["world_size"] == 1 and o["loader"]["rank"] == 0 for o in old]
+    if all(global_stream) and fresh["loader"]["world_size"] == 1:
+        # visual packing (every old rank packed the same global stream) or one old rank, and the new ranks read
+        # the global stream too: the stream position is layout-free, continue it exactly
+        if any(o["loader"] != old[0]["loader"] or o["buffer"] != old[0]["buffer"] for o in old):
+            raise ValueError("the old ranks' global-stream packer states differ; cannot continue them")
+        return {**copy.deepcopy(old[0]), "counters": old[0]["counters"]}
+    if any(global_stream) and len(old) > 1:
+        raise ValueError("cannot move between visual packing (one global stream) and per-rank data shards; "
+                         "resume with the run's visual_packing setting")
     loader = new["loader"]
     r, w = loader["rank"], loader["world_size"]  # the trainer's loaders have one worker each
     for i, cur in enumerate(loader["sources"]):

@@ -167,15 +167,18 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(router logits)^2, averaged over layers."""
-    return torch.stack([torch.logsumexp(l.float(), -1).pow(2).mean() for l in router_logits]).mean()
+    return torch.stack([torch.logsumexp(r.float(), -1).pow(2).mean() for r in router_logits]).mean()
 
 
 @torch.no_grad()
-def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer: fraction of top-k assignments per expert [layers, E] and its normalised entropy [layers]
-    (1.0 = perfectly balanced)."""
+    (1.0 = perfectly balanced). `token_mask` (any shape with T elements, True = counted) drops padding."""
     loads = []
     for logits_TE in router_logits:
+        if token_mask is not None:
+            logits_TE = logits_TE[token_mask.reshape(-1).bool()]
         idx = torch.topk(logits_TE.float(), top_k, dim=-1).indices.reshape(-1)
         loads.append(torch.bincount(idx, minlength=num_experts).float() / max(idx.numel(), 1))
     load_LE = torch.stack(loads)

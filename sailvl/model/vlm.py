@@ -31,10 +31,11 @@ class SailVLOutput:
     z_loss: torch.Tensor | None = None
     router_logits: list[torch.Tensor] = field(default_factory=list)
     hidden: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None  # the tokens the router statistics count (None: all)
 
     def expert_load(self, num_experts: int, top_k: int):
-        """Per-layer expert-load fractions [layers, E] and normalised entropies [layers]."""
-        return expert_load(self.router_logits, num_experts, top_k)
+        """Per-layer expert-load fractions [layers, E] and normalised entropies [layers] (padding excluded)."""
+        return expert_load(self.router_logits, num_experts, top_k, self.token_mask)
 
 
 class SailVL(nn.Module):
@@ -117,11 +118,15 @@ class SailVL(nn.Module):
         cache: KVCache | None = None,
         image_embeds: torch.Tensor | None = None,
         logits_to_keep: int | None = None,
+        compute_logits: bool = True,
+        token_mask: torch.Tensor | None = None,
     ) -> SailVLOutput:
         """Token ids [B, L] (+ images) -> logits [B, L, V]; `labels` (aligned with input_ids, -100 = ignore)
         give the next-token cross-entropy `loss` (plus the MoE aux / z losses). `attention_mask` [B, L]
         marks real tokens of a padded batch; `cu_seqlens` marks the samples of packed rows (cumulative lengths
-        over the B*L tokens, row-major; no sample crosses a row end)."""
+        over the B*L tokens, row-major; no sample crosses a row end). `compute_logits=False` returns only the
+        final hidden states (training computes the head at labelled positions: `labelled_token_losses`).
+        `token_mask` [B, L] (packed rows: False on padding) keeps padding out of the MoE router statistics."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids, pixel_values, image_embeds)
@@ -132,14 +137,17 @@ class SailVL(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         lm = self.language_model
         out = lm(inputs_embeds=x, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                 key_mask_BS=key_mask, cache=cache, logits_to_keep=None if labels is not None else logits_to_keep)
+                 key_mask_BS=key_mask, cache=cache, logits_to_keep=None if labels is not None else logits_to_keep,
+                 compute_logits=compute_logits or labels is not None)
         result = SailVLOutput(logits=out.logits, router_logits=out.router_logits, hidden=out.hidden)
         cfg = self.config.llm_config
         if labels is not None:
             result.lm_loss = self.lm_loss(out.logits, labels, cu_seqlens)
             result.loss = result.lm_loss
         if out.router_logits:
-            mask = attention_mask.reshape(-1) if attention_mask is not None else None
+            mask = attention_mask if attention_mask is not None else token_mask
+            mask = mask.reshape(-1) if mask is not None else None
+            result.token_mask = mask
             result.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
             result.z_loss = router_z_loss(out.router_logits)
             if result.loss is not None:
@@ -159,6 +167,19 @@ class SailVL(nn.Module):
         ce = F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none")
         return ce.view(target.shape), target != IGNORE_INDEX
+
+    def labelled_token_losses(self, hidden_BLD: torch.Tensor, labels_BL: torch.Tensor,
+                              cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_losses` computed from the final hidden states at the labelled positions only: the LM head
+        and the softmax run on those N positions instead of all B*L (in SFT most tokens carry no label).
+        Returns (cross-entropy [N], the positions' mask [B, L-1]); the values equal token_losses' at the mask."""
+        target = labels_BL[:, 1:].clone()
+        if cu_seqlens is not None:
+            seg = segment_ids(cu_seqlens, labels_BL.numel()).view(labels_BL.shape)
+            target[seg[:, 1:] != seg[:, :-1]] = IGNORE_INDEX
+        valid = target != IGNORE_INDEX
+        logits_NV = F.linear(hidden_BLD[:, :-1][valid], self.language_model.head_weight)
+        return F.cross_entropy(logits_NV.float(), target[valid], reduction="none"), valid
 
     @classmethod
     def lm_loss(cls, logits_BLV: torch.Tensor, labels_BL: torch.Tensor, cu_seqlens: torch.Tensor | None = None):

@@ -53,12 +53,12 @@ def describe(run: RunConfig) -> str:
     counts = {g: sum(p.numel() for n, p in model.named_parameters() if n.startswith(pre))
               for g, pre in MODULE_GROUPS.items()}
     total = sum(counts.values())
-    v, l = cfg.vision_config, cfg.llm_config
+    v, lm = cfg.vision_config, cfg.llm_config
     lines.append(f"vision: {v.num_hidden_layers} x {v.hidden_size} ({v.position_embedding}), patch {v.patch_size}, "
                  f"{cfg.force_image_size} px tiles -> {cfg.tokens_per_tile} tokens per tile")
-    kind = f"MoE {l.num_experts} experts top-{l.num_experts_per_tok}" if l.is_moe else "dense"
-    lines.append(f"llm: {l.num_hidden_layers} x {l.hidden_size}, {l.num_attention_heads}/{l.num_key_value_heads} "
-                 f"heads, {kind}, vocab {l.vocab_size}")
+    kind = f"MoE {lm.num_experts} experts top-{lm.num_experts_per_tok}" if lm.is_moe else "dense"
+    lines.append(f"llm: {lm.num_hidden_layers} x {lm.hidden_size}, {lm.num_attention_heads}/{lm.num_key_value_heads} "
+                 f"heads, {kind}, vocab {lm.vocab_size}")
     lines.append("parameters: " + ", ".join(f"{g} {n / 1e6:,.1f}M" for g, n in counts.items())
                  + f", total {total / 1e6:,.1f}M")
     for s in run.stages:

@@ -94,6 +94,9 @@ class RunConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     activation_checkpointing: bool = False
+    # several ranks: every rank packs the global step's rows and trains on its share, chosen so vision tokens
+    # per rank are balanced (SAIL-VL2's visual packing); False: each rank packs its own shard of the data
+    visual_packing: bool = True
     device: str = "auto"
 
     def __post_init__(self):

@@ -145,10 +145,14 @@ class Trainer:
             cfg.max_dynamic_patch = stage.max_dynamic_patch
         proc = Processor(processor.tokenizer, cfg)
         specs = [{"path": d.path, "weight": d.weight, **({"name": d.name} if d.name else {})} for d in stage.data]
-        loader = MixtureLoader(open_sources(specs), seed=self.run.seed * 1000 + si, rank=self.rank,
-                               world_size=self.world, process=proc.encode_sample, report_dir=self.stage_dir(si))
+        # visual packing: one global stream on every rank, rows dealt out by vision tokens (see data.packing)
+        balance = (self.rank, self.world) if self.world > 1 and self.run.visual_packing else None
+        rank, world = (0, 1) if balance else (self.rank, self.world)
+        loader = MixtureLoader(open_sources(specs), seed=self.run.seed * 1000 + si, rank=rank, world_size=world,
+                               process=proc.encode_sample, report_dir=None if balance and not D.is_main() else self.stage_dir(si))
         pad = processor.tokenizer.token_to_id("<|endoftext|>") or 0
-        return StreamPacker(loader, stage.max_len, stage.rows_per_step, loss_weighting=stage.loss_weighting, pad_id=pad)
+        return StreamPacker(loader, stage.max_len, stage.rows_per_step, loss_weighting=stage.loss_weighting, pad_id=pad,
+                            balance=balance)
 
     def _train_stage(self, si: int, stage: Stage, model: SailVL, processor: Processor) -> None:
         run, cfg = self.run, model.config.llm_config
@@ -261,9 +265,10 @@ class Trainer:
         rows run as a batch [rows, row_len] (attention per row), with cu_seqlens over all tokens."""
         rows = lambda t: t.reshape(-1, row_len)  # noqa: E731
         out = model(rows(b.input_ids), pixel_values=b.pixel_values, position_ids=rows(b.position_ids),
-                    cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
-        ce, _ = model.token_losses(out.logits, rows(b.labels), b.cu_seqlens)
-        lm = (ce * rows(b.loss_weights)[:, 1:]).sum() / total_w.clamp_min(1e-12)
+                    cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, compute_logits=False,
+                    token_mask=None if b.token_mask is None else rows(b.token_mask))
+        ce, valid = model.labelled_token_losses(out.hidden, rows(b.labels), b.cu_seqlens)
+        lm = (ce * rows(b.loss_weights)[:, 1:][valid]).sum() / total_w.clamp_min(1e-12)
         zero = lm.new_zeros(())
         return lm, out.aux_loss if out.aux_loss is not None else zero, out.z_loss if out.z_loss is not None else zero, out
 
