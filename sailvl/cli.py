@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--tasks", nargs="+", default=None, help="subset of task names (default: all)")
     sy.add_argument("--image-size", type=int, default=64)
     sy.set_defaults(func=_synth)
+
+    # Subcommands that live with their subsystem: each module's add_parsers(sub) registers its own.
+    from .eval.cli import add_parsers as _eval_parsers
+    from .serve.cli import add_parsers as _serve_parsers
+
+    _serve_parsers(sub)
+    _eval_parsers(sub)
     return p
 
 

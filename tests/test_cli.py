@@ -2,12 +2,13 @@ import subprocess
 import sys
 
 from sailvl.cli import main
+from sailvl.data.synth import TASKS
 
 
 def test_help_lists_subcommands():
     r = subprocess.run([sys.executable, "-m", "sailvl", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for cmd in ("demo", "convert"):
+    for cmd in ("demo", "convert", "train", "eval", "chat", "caption", "serve"):
         assert cmd in r.stdout
 
 
@@ -25,7 +26,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "overall accuracy" in out and "chat, image 2 (thinking)" in out
     report = json.loads((tmp_path / "demo-quick" / "demo_report.json").read_text())
-    assert len(report["tasks"]) == 18 and 0.0 <= report["accuracy"] <= 1.0
+    assert len(report["tasks"]) == len(TASKS) and 0.0 <= report["accuracy"] <= 1.0
     assert set(report["stage_times_s"]) == {"vit_warmup", "vit_finegrained", "vit_world", "pretrain_basic",
                                             "pretrain_multitask", "sft", "longcot_sft", "think_fusion_sft"}
     pipe = sailvl.load(report["final_model"])  # an ordinary SAIL-VL2 model directory

@@ -55,8 +55,11 @@ def test_written_records_are_valid(tmp_path):
         len(r[k]) if isinstance(r.get(k), list) else (k in r) for r in records for k in MEDIA_KEYS)
     assert [r["id"] for r in records] == [f"val-{i:06d}" for i in range(72)]
     for r in records:
-        human, gpt = r["conversations"]
-        assert human["from"] == "human" and gpt["from"] == "gpt"
+        conv = r["conversations"]
+        assert len(conv) % 2 == 0 and (len(conv) == 2 or r["task"] == "scene_qa")  # scene_qa: several turns
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        human = conv[0]
+        assert all(IMAGE_PLACEHOLDER not in t["value"] for t in conv[1:])
         assert isinstance(r["answer"], str) and r["answer"] and r["task"] in TASKS
         keys = [k for k in MEDIA_KEYS if k in r]
         assert len(keys) <= 1
@@ -92,6 +95,35 @@ def test_every_task_makes_valid_samples(task):
         assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
         s = to_sample(record, images)  # validates placeholders against images / video
         assert s.task == task and s.answer == record["answer"]
+
+
+def test_scene_qa_asks_several_answerable_questions():
+    """Every reply of a scene_qa conversation is recomputable from the scene in its meta."""
+    from sailvl.data.synth.scene import Obj
+
+    rng = random.Random(7)
+    for _ in range(40):
+        record, images = sample("scene_qa", rng)
+        conv, scene = record["conversations"], [Obj(**o) for o in record["meta"]["scene"]]
+        assert 4 <= len(conv) <= 8 and record["answer"] == conv[-1]["value"] and len(images) == 1
+        for q, a in zip(conv[0::2], conv[1::2]):
+            text, answer = q["value"].replace("<image>\n", "").split("\n")[0], a["value"]
+            if text == "How many objects are there?":
+                assert answer == str(len(scene))
+            elif text.startswith("Is there a "):
+                colour, shape = text[len("Is there a "):-1].split()
+                assert answer == ("yes" if any((o.colour, o.shape) == (colour, shape) for o in scene) else "no")
+            elif text.startswith("How many "):
+                word = text.split()[2]
+                n = sum(o.colour == word for o in scene) if text.endswith("objects are there?") else \
+                    sum(o.shape + "s" == word or o.shape + "es" == word for o in scene)
+                assert answer == str(n)
+            elif text.startswith("What colour"):
+                assert answer in {o.colour for o in scene}
+            elif text.startswith("What shape"):
+                assert answer in {o.shape for o in scene}
+            else:
+                assert text.startswith("Is the ") and answer in ("left", "right", "above", "below")
 
 
 def test_text_only_tasks_have_no_image(tmp_path):
@@ -251,6 +283,21 @@ def test_splits_are_disjoint(tmp_path):
     other = tmp_path / "alone"
     generate(other, 400, seed=0, split="train", tasks=["text_instruct", "text_instruct", "math_direct"])
     assert (other / "train.jsonl").read_bytes() == (tmp_path / "train.jsonl").read_bytes()
+
+
+def test_extra_training_splits_join_the_disjointness(tmp_path):
+    """An extra training split of another world (a curriculum) is written after train; val / test avoid it."""
+    easy = World(max_objects=1, ocr_max_chars=1)
+    res = generate_splits(tmp_path, 50, 200, 200, seed=0, tasks=["ocr"],
+                          extra_train={"basics": (300, ["ocr"], easy)})
+    assert {k: v["n"] for k, v in res.items()} == {"train": 50, "basics": 300, "val": 200, "test": 200}
+    basics = [json.loads(x) for x in (tmp_path / "basics.jsonl").read_text().splitlines()]
+    assert all(len(r["answer"]) == 1 for r in basics)  # the easy world's one-character OCR
+    ba, va, te = (_content_keys(tmp_path, s) for s in ("basics", "val", "test"))
+    assert not ba & va and not ba & te
+    assert json.loads((tmp_path / "synth.json").read_text())["extra_train"]["basics"]["world"]["max_objects"] == 1
+    with pytest.raises(ValueError, match="overwrite"):
+        generate_splits(tmp_path, 1, 1, 1, extra_train={"test": (1, ["ocr"], easy)})
 
 
 # ---------------------------------------------------------------- dial, errors, speed

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 # The HF tokenizer / chat-template files a model directory may carry (copied as a set by compose, the
@@ -37,6 +37,13 @@ def token_id(tok: Tokenizer, token: str) -> int:
     return i
 
 
+# The pre-tokenizer split of Qwen2 / Qwen3 tokenizers (contractions, letters with one leading non-letter,
+# single digits, punctuation runs, newlines, spaces).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
 def corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
     """Text for tokenizer training: lines of .txt files; every message / conversation value of .jsonl
     records (LLaVA `conversations`, OpenAI `messages` with string or text-part content). Malformed JSON
@@ -54,7 +61,12 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
                 except json.JSONDecodeError:
                     continue
                 for turn in rec.get("conversations", []) + rec.get("messages", []):
-                    content = turn.get("value", turn.get("content", "")) if isinstance(turn, dict) else ""
+                    if not isinstance(turn, dict):
+                        continue
+                    role = ROLES.get(str(turn.get("from", turn.get("role", ""))))
+                    if role is not None:  # the chat template writes the role after <|im_start|>
+                        yield role + "\n"
+                    content = turn.get("value", turn.get("content", ""))
                     if isinstance(content, list):
                         content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
                     if isinstance(content, str):
@@ -64,7 +76,12 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
     """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2/Qwen3's pre-tokenization: every digit is its own token (numbers are compositional: 594 -> 5 9 4),
+    # words keep a leading space, then byte-level mapping.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     # the think tokens are added after training, so the final vocabulary is exactly vocab_size at most
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS), special_tokens=SPECIAL_TOKENS,

@@ -30,6 +30,7 @@ TASKS: dict[str, Generator] = {
     "vqa_spatial": S.vqa_spatial,
     "vqa_compare": S.vqa_compare,
     "vqa_yesno": S.vqa_yesno,
+    "scene_qa": S.scene_qa,  # several of those questions about one scene, as one conversation
     # rendered text
     "ocr": T.ocr,
     "chart": T.chart,

@@ -299,3 +299,77 @@ def video_count(rng: random.Random, world: World):
     q = "How many different objects appear in the video?" + SHORT_ANSWER_SUFFIX
     meta = {"frames": [[o.to_dict() for o in fr] for fr in frames], "objects": [o.to_dict() for o in scene]}
     return make_record("video_count", q, str(len(scene)), meta, video=True), [render(fr, world) for fr in frames]
+
+
+# ---------------------------------------------------------------- several questions about one scene
+
+def _ask_colour(rng, world, scene):
+    i = rng.randrange(len(scene))
+    ref = refer(scene, i, avoid=("colour",))
+    return (f"What colour is the {ref}?", scene[i].colour) if ref else None
+
+
+def _ask_shape(rng, world, scene):
+    i = rng.randrange(len(scene))
+    ref = refer(scene, i, avoid=("shape",))
+    return (f"What shape is the {ref}?", scene[i].shape) if ref else None
+
+
+def _ask_count(rng, world, scene):
+    kind = rng.choice(("all", "shape", "colour"))
+    if kind == "all":
+        return "How many objects are there?", str(len(scene))
+    if kind == "shape":
+        shape = rng.choice(world.shapes)
+        return f"How many {plural(shape)} are there?", str(sum(o.shape == shape for o in scene))
+    colour = rng.choice(sorted({o.colour for o in scene}) + list(world.colours))  # present ones twice as likely
+    return f"How many {colour} objects are there?", str(sum(o.colour == colour for o in scene))
+
+
+def _ask_spatial(rng, world, scene):
+    if len(scene) < 2:
+        return None
+    i, j = rng.sample(range(len(scene)), 2)
+    rel = relation(scene[i], scene[j], world.image_size)
+    ri, rj = refer(scene, i), refer(scene, j)
+    return (f"Is the {ri} left of, right of, above or below the {rj}?", rel) if rel and ri and rj else None
+
+
+def _ask_exists(rng, world, scene):
+    present = {(o.colour, o.shape) for o in scene}
+    if rng.random() < 0.5:
+        colour, shape = rng.choice(sorted(present))
+    else:
+        o = rng.choice(scene)
+        near = [(o.colour, s) for s in world.shapes] + [(c, o.shape) for c in world.colours]
+        near = [k for k in near if k not in present]
+        colour, shape = rng.choice(near) if near else unused_kind(rng, world, scene)
+    return f"Is there a {colour} {shape}?", "yes" if (colour, shape) in present else "no"
+
+
+ASKERS = (_ask_colour, _ask_shape, _ask_count, _ask_spatial, _ask_exists)
+
+
+def scene_qa(rng: random.Random, world: World):
+    """A multi-turn conversation: 2-4 questions (colour, shape, count, spatial relation, existence; the
+    single-turn tasks' phrasings) about one scene, as real instruction data asks several questions per
+    image. The record's answer is the last reply; the earlier turns are the conversation so far."""
+    for _ in _attempts("scene_qa"):
+        scene = _scene(rng, world)
+        turns = []
+        for ask in rng.sample(ASKERS, len(ASKERS)):
+            qa = ask(rng, world, scene)
+            if qa is not None:
+                turns.append(qa)
+            if len(turns) == 4:
+                break
+        if len(turns) >= 2:
+            break
+    turns = turns[: rng.randint(2, len(turns))]
+    conv = []
+    for k, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q + SHORT_ANSWER_SUFFIX},
+                 {"from": "gpt", "value": a}]
+    record = make_record("scene_qa", "", turns[-1][1], _meta(scene, questions=[q for q, _ in turns]), n_images=1)
+    record["conversations"] = conv
+    return record, [render(scene, world)]

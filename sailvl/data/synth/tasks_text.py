@@ -143,8 +143,11 @@ COLOUR_FACTS = {"the sky on a clear day": "blue", "grass": "green", "a ripe bana
 MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple",
          ("red", "white"): "pink", ("black", "white"): "gray"}
 SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+# Kinds with a small content space (facts, letters) are seen whole in training, so a disjoint test split
+# holds only the open-ended ones: the list operations (first / last / repeat / reverse / sort / count) and
+# comparisons, which test following an instruction on unseen input rather than recalling it.
 TEXT_KINDS = ("reverse", "count_on", "colour_fact", "colour_mix", "sides", "arithmetic", "sort", "letters",
-              "larger")
+              "larger", "first", "last", "repeat", "count_words")
 
 
 def text_instruct(rng: random.Random, world: World):
@@ -180,6 +183,15 @@ def text_instruct(rng: random.Random, world: World):
             q, a = f"How many letters are in the word {word}?", str(len(word))
         else:
             q, a = f"What is the first letter of the word {word}?", word[0]
+    elif kind in ("first", "last"):
+        words = rng.sample(WORD_POOL, rng.randint(2, 4))
+        q, a = f"What is the {kind} word in this list: {', '.join(words)}?", words[0 if kind == "first" else -1]
+    elif kind == "repeat":
+        words = rng.sample(WORD_POOL, rng.randint(2, 3))
+        q, a = f"Repeat these words: {', '.join(words)}.", ", ".join(words)
+    elif kind == "count_words":
+        words = rng.sample(WORD_POOL, rng.randint(2, 5))
+        q, a = f"How many words are in this list: {', '.join(words)}?", str(len(words))
     else:
         x, y = rng.sample(range(21), 2)
         q, a = f"Which number is larger, {x} or {y}?", str(max(x, y))

@@ -146,9 +146,12 @@ def generate(out_dir, n: int, seed: int = 0, split: str = "train", tasks: list[s
 
 
 def generate_splits(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 0,
-                    tasks: list[str] | None = None, image_size: int = 64, *, world: World | None = None) -> dict:
+                    tasks: list[str] | None = None, image_size: int = 64, *, world: World | None = None,
+                    extra_train: dict[str, tuple[int, list[str], World]] | None = None) -> dict:
     """Write train / val / test with disjoint content (see the module docstring) and out_dir/synth.json.
-    Returns {"train": summary, "val": summary, "test": summary}."""
+    `extra_train` adds training splits {name: (n, tasks, world)} written right after train (e.g. a curriculum
+    of an easier world); val and test are disjoint from them too.
+    Returns {"train": summary, "val": summary, "test": summary, **extra}."""
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
@@ -157,14 +160,24 @@ def generate_splits(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 
     world = resolve_world(world, image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra_train or {})
+    for name, spec in extra.items():
+        if name in ("train", "val", "test"):
+            raise ValueError(f"extra training split {name!r} would overwrite a standard split")
+        n, extra_tasks, extra_world = spec
+        _check_args(n, seed, name)
+        extra[name] = (n, check_tasks(extra_tasks), resolve_world(extra_world, image_size))
+    plan = [("train", n_train, tasks, world), *((k, *v) for k, v in extra.items()),
+            ("val", n_val, tasks, world), ("test", n_test, tasks, world)]
     seen: set[int] = set()
     result = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        summary, hashes = _write_split(out, split, n, seed, tasks, world, exclude=seen if seen else None,
-                                       keep_hashes=split != "test")
+    for split, n, split_tasks, split_world in plan:
+        summary, hashes = _write_split(out, split, n, seed, split_tasks, split_world,
+                                       exclude=seen if seen else None, keep_hashes=split != "test")
         seen |= hashes
         result[split] = summary
     manifest = {"generator": "sailvl.data.synth", "seed": seed, "tasks": tasks, "world": world.to_dict(),
-                "splits": {k: {kk: vv for kk, vv in v.items() if kk != "jsonl"} for k, v in result.items()}}
+                "splits": {k: {kk: vv for kk, vv in v.items() if kk != "jsonl"} for k, v in result.items()},
+                "extra_train": {k: {"tasks": v[1], "world": v[2].to_dict()} for k, v in extra.items()}}
     (out / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return result
