@@ -43,6 +43,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     # rope2d only: grids larger than this (in patches per side) get positions scaled into it.
     rope_max_grid: int | None = None
+    initializer_range: float = 0.02  # std of the normal init of a fresh model (HF's name)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -90,6 +91,7 @@ class LLMConfig:
     num_key_value_heads: int = 8
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02  # std of the normal init of a fresh model (HF's name)
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = True

@@ -162,3 +162,25 @@ def test_matmul_attention_path_matches_sdpa(causal):
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g.float())
     for a, b in ((gq, rq), (gk, rk), (gv, rv)):
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_initializer_range_per_tower():
+    """A fresh model draws each tower's weights with its config's initializer_range (HF's field)."""
+    from sailvl.config import tiny_config
+    from sailvl.model.vlm import SailVL
+
+    cfg = tiny_config()
+    cfg.vision_config.initializer_range, cfg.llm_config.initializer_range = 0.1, 0.01
+    torch.manual_seed(0)
+    model = SailVL(cfg)
+    vit_std = torch.cat([m.weight.flatten() for m in model.vision_model.modules() if isinstance(m, torch.nn.Linear)]).std()
+    llm_std = torch.cat([m.weight.flatten() for m in model.language_model.modules()
+                         if isinstance(m, torch.nn.Linear)]).std()
+    assert abs(vit_std - 0.1) < 0.005 and abs(llm_std - 0.01) < 0.0005
+    # the default (0.02 for both) draws exactly what init_weights(std=0.02) draws
+    a, b = SailVL(tiny_config()), SailVL(tiny_config())
+    torch.manual_seed(1)
+    a.init_weights()
+    torch.manual_seed(1)
+    b.init_weights(std=0.02)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -49,8 +49,25 @@ class SailVL(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        for m in self.modules():
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) linears / convs / embeddings / experts, unit norms, zero biases; `std` defaults to each
+        tower's `initializer_range` (the adapter takes the LLM's)."""
+        if std is None:
+            v, lm = self.config.vision_config.initializer_range, self.config.llm_config.initializer_range
+            self._init_modules(self.vision_model, v)
+            self._init_modules(self.mlp1, lm)
+            self._init_modules(self.language_model, lm)
+            if hasattr(self.vision_model.preprocessor, "pos_embed"):
+                nn.init.normal_(self.vision_model.preprocessor.pos_embed, std=v)
+            return
+        self._init_modules(self, std)
+        if hasattr(self.vision_model.preprocessor, "pos_embed"):
+            nn.init.normal_(self.vision_model.preprocessor.pos_embed, std=std)
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_modules(root: nn.Module, std: float) -> None:
+        for m in root.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
@@ -64,8 +81,6 @@ class SailVL(nn.Module):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
             elif hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) and m.weight.dim() == 1:
                 nn.init.ones_(m.weight)  # RMSNorm
-        if hasattr(self.vision_model.preprocessor, "pos_embed"):
-            nn.init.normal_(self.vision_model.preprocessor.pos_embed, std=std)
 
     # ----------------------------------------------------------------------------------------- vision
     def encode_images(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
