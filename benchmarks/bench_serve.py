@@ -33,6 +33,7 @@ from sailvl.data.processor import Processor, ProcessorConfig
 from sailvl.data.tokenizer import token_id, train_bpe
 from sailvl.serve.engine import Engine
 from sailvl.serve.sampling import SamplingParams
+from sailvl.serve.server import wait_healthy
 
 MODEL = "bench"
 
@@ -62,16 +63,7 @@ def server_process(model_dir: Path, threads: int):
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.2)
+        wait_healthy(url, timeout=300, alive=lambda: proc.poll() is None)
         yield url
     finally:
         proc.terminate()

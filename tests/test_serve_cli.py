@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from sailvl.cli import main
 from sailvl.serve.chat import ChatSession, interactive
 from sailvl.serve.sampling import SamplingParams
+from sailvl.serve.server import wait_healthy
 
 from .test_serve_engine import load, make_model_dir, picture
 
@@ -120,15 +120,7 @@ def test_serve_command_runs_a_server(model_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, timeout=120, alive=lambda: proc.poll() is None)
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 401
         r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=30)

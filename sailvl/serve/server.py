@@ -343,6 +343,23 @@ def submit(engine: Engine, prompt, params, loop, stream: bool) -> RequestHandle:
         raise APIError(400, str(e), code="invalid_value") from None
 
 
+def wait_healthy(url: str, timeout: float = 120.0, alive=lambda: True) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError when `alive()` turns false or `timeout` passes
+    (for a `sailvl serve` started as a subprocess: `alive=lambda: proc.poll() is None`)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if not alive() or time.time() > deadline:
+            raise RuntimeError(f"the server at {url} did not come up")
+        time.sleep(0.2)
+
+
 class ServerThread:
     """uvicorn in a background thread on a free port (tests, benchmarks). `url` is the base URL."""
 
