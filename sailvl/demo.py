@@ -79,6 +79,9 @@ def _stage_times(run_dir: Path) -> dict[str, float]:
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            step_time = r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") else 0.0
+            if r.get("tokens_per_s"):
+                step_time = r["tokens"] / r["tokens_per_s"]
+            else:  # vision stages count images
+                step_time = r["images"] / r["images_per_s"] if r.get("images_per_s") else 0.0
             times[r["stage"]] = times.get(r["stage"], 0.0) + step_time
     return times

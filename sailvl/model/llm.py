@@ -16,8 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from ..config import LLMConfig
 from .attention import KVCache, attention, segment_ids
 from .moe import SparseMoeBlock
-from .norm import RMSNorm
-from .rope import apply_rope, rope_cos_sin
+from .norm import RMSNorm, autocast_dtype_for
+from .rope import norm_rope, rope_tables
 
 
 class SelfAttention(nn.Module):
@@ -33,11 +33,13 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.K, cfg.rms_norm_eps)
 
     def forward(self, x_BLD, rope, cu_seqlens=None, max_seqlen=None, key_mask_BS=None, cache: KVCache | None = None):
+        """`rope`: the `rope_tables` (cos, sin) [B, L, K/2] of the positions."""
         B, L, _ = x_BLD.shape
-        q = self.q_norm(self.q_proj(x_BLD).view(B, L, self.H, self.K)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x_BLD).view(B, L, self.G, self.K)).transpose(1, 2)
+        dtype = autocast_dtype_for(x_BLD)  # under autocast: written directly in the dtype attention runs in
+        q = norm_rope(self.q_proj(x_BLD).view(B, L, self.H, self.K), self.q_norm.weight, self.q_norm.eps, *rope, dtype)
+        k = norm_rope(self.k_proj(x_BLD).view(B, L, self.G, self.K), self.k_norm.weight, self.k_norm.eps, *rope, dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BLD).view(B, L, self.G, self.K).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out_BHLK = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_mask_BS=key_mask_BS)
@@ -58,10 +60,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_sparse = cfg.is_sparse_layer(layer)
+        # under autocast the norms feeding Linear layers emit bf16 themselves (one cast instead of one per Linear);
+        # the MoE block's router and experts take the norm's own dtype, so its norm keeps it
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, autocast_output=True)
+        self.self_attn = SelfAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, autocast_output=not self.is_sparse)
         self.mlp = SparseMoeBlock(cfg) if self.is_sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, key_mask_BS=None, cache=None):
@@ -127,7 +131,7 @@ class Qwen3ForCausalLM(nn.Module):
             else:
                 start = cache.length if cache is not None else 0
                 position_ids = torch.arange(start, start + L, device=x.device)[None].expand(B, L)
-        rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         if cache is not None and key_mask_BS is None:
             key_mask_BS = cache.current_key_mask(L)
         router_logits = []

@@ -89,9 +89,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm_1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # under autocast these emit bf16 themselves: their only consumers are Linear layers (qkv; fc1 and fc3)
+        self.norm_1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, autocast_output=True)
         self.attn = Attention(cfg)
-        self.norm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, autocast_output=True)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, cu_seqlens=None, max_seqlen=None):

@@ -47,6 +47,11 @@ class Stage:
     adalrs: dict[str, Any] | None = None  # AdaLRSConfig fields; None = off
     init_from: str | None = None  # None: the previous stage (or the run's start); a stage name; or a model dir
     max_dynamic_patch: int | None = None  # per-stage tile limit override for the processor
+    # "vlm": next-token loss on the data mixture. "vision": SAIL-ViT pretraining of the ViT alone on dense
+    # per-patch labels of the synthetic world, generated in memory (sailvl.train.vision); `data` is unused,
+    # `rows_per_step` is images per step and `vision` holds {"world": World fields, "kinds": weights}.
+    kind: str = "vlm"
+    vision: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.steps < 0:
@@ -59,7 +64,9 @@ class Stage:
             if t not in MODULE_GROUPS and not any(t.startswith(p) for p in MODULE_GROUPS.values()):
                 raise ValueError(f"stage {self.name!r}: trainable {t!r} is not one of {sorted(MODULE_GROUPS)} "
                                  f"or a parameter-name prefix (e.g. 'language_model.model.layers.0.')")
-        if not self.data and self.steps:
+        if self.kind not in ("vlm", "vision"):
+            raise ValueError(f"stage {self.name!r}: kind must be vlm or vision, got {self.kind!r}")
+        if not self.data and self.steps and self.kind == "vlm":
             raise ValueError(f"stage {self.name!r} has no data")
 
     def lr_for(self, param_name: str) -> float:

@@ -42,6 +42,7 @@ from ..model.vlm import SailVL
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
 from .progress import Progress
 from .stages import RunConfig, Stage
+from .vision import train_vision_stage
 
 DONE = "DONE"
 
@@ -83,7 +84,10 @@ class Trainer:
                 continue
             model = self._stage_model(stage, model)
             t0 = time.perf_counter()
-            self._train_stage(si, stage, model, processor)
+            if stage.kind == "vision":
+                train_vision_stage(self, si, stage, model)
+            else:
+                self._train_stage(si, stage, model, processor)
             self._export(model, processor, tok_dir, export)
             if self.world > 1:  # FSDP units are built per trainable set: the next stage wraps a fresh copy
                 model = SailVL.from_pretrained(export, dtype=torch.float32, device=self.device)

@@ -1,0 +1,211 @@
+"""Dense per-patch labels for SAIL-ViT pretraining on the synthetic world (generated in memory).
+
+SAIL-VL2's vision tower starts from a pretrained AIMv2; the tiny recipe has no pretrained tower, and a ViT
+learnt from scratch only through the LLM's answer tokens sees too little signal (one label per image) to
+learn shapes and characters in minutes (CALIBRATION.md; measured again in the README). This stream gives
+the ViT direct supervision instead: images drawn like the world's own (scenes of objects, text, tables,
+charts) with a label for every patch of the ViT's grid: what covers it (colour, shape or "char" / "bar",
+size, which character). `DenseStream(world, seed).batch(step, n)` is a pure function of (seed, step), so a
+resumed run regenerates exactly the batches it would have seen.
+
+Heads and loss live in `sailvl.train.vision`; the label vocabularies are here (`HEADS`).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..image import to_tensor
+from .scene import draw_obj, random_scene
+from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
+
+CHARS = string.ascii_uppercase + string.digits + "+x-=?"
+# Label vocabularies per head; index 0 is "nothing here" (background) everywhere.
+HEADS: dict[str, tuple[str, ...]] = {
+    "colour": ("none", *COLOURS),
+    "shape": ("none", *SHAPES, "char", "bar"),
+    "size": ("none", "small", "large"),
+    "char": ("none", *CHARS),
+}
+KINDS = ("scene", "text", "table", "chart")
+MIN_PIXELS = 3  # a patch is labelled with the element that paints the most of its pixels, if >= this many
+
+
+@dataclass(frozen=True)
+class Element:
+    colour: str
+    shape: str  # a SHAPES name, "char" or "bar"
+    size: str = "none"
+    char: str = "none"
+
+
+@dataclass
+class DenseStream:
+    """Images of the world with per-patch labels. `kinds` weights the image kinds."""
+
+    world: World = field(default_factory=World)
+    patch_size: int = 8
+    seed: int = 0
+    kinds: dict[str, float] = field(default_factory=lambda: {"scene": 2.0, "text": 2.0, "table": 1.0, "chart": 1.0})
+
+    def __post_init__(self):
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown dense image kinds {sorted(unknown)}; known: {list(KINDS)}")
+        if not self.kinds or min(self.kinds.values()) < 0 or sum(self.kinds.values()) <= 0:
+            raise ValueError(f"dense image kind weights must be >= 0 and not all 0, got {self.kinds}")
+        if self.world.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.world.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.world.image_size // self.patch_size
+
+    def sample(self, rng: random.Random) -> tuple[Image.Image, dict[str, np.ndarray]]:
+        """One image and its label maps {head: [grid, grid] int64}."""
+        names, weights = zip(*self.kinds.items())
+        kind = rng.choices(names, weights)[0]
+        img = Image.new("RGB", (self.world.image_size,) * 2, BACKGROUND)
+        canvas = _Canvas(img)
+        getattr(self, f"_{kind}")(rng, canvas)
+        return img, canvas.labels(self.patch_size)
+
+    def batch(self, step: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Batch `step` (deterministic in seed and step): pixels [n, 3, S, S] and labels {head: [n, G, G]}."""
+        rng = random.Random(self.seed * 1_000_003 + step)
+        images, labels = [], {h: [] for h in HEADS}
+        for _ in range(n):
+            img, lab = self.sample(rng)
+            images.append(to_tensor(img))
+            for h in HEADS:
+                labels[h].append(torch.from_numpy(lab[h]))
+        return torch.stack(images), {h: torch.stack(v) for h, v in labels.items()}
+
+    # ------------------------------------------------------------------------------------------ kinds
+    def _scene(self, rng: random.Random, c: _Canvas) -> None:
+        for o in random_scene(rng, self.world, rng.randint(1, self.world.max_objects)):
+            c.paint(lambda d, o=o: draw_obj(d, o), Element(o.colour, o.shape, o.size))
+
+    def _text(self, rng: random.Random, c: _Canvas) -> None:
+        w = self.world
+        s, margin = w.image_size, w.px(2)
+        text = "".join(rng.choice(CHARS) for _ in range(rng.randint(1, 4)))
+        size = rng.randint(w.px(10), w.px(30))
+        while size > 6 and _ink_width(text, size) > s - 2 * margin:
+            size -= 1
+        x0, y0, x1, y1 = text_bbox(text, size)
+        x = rng.randint(margin, max(margin, s - margin - _ink_width(text, size)))
+        y = rng.randint(margin, max(margin, s - margin - (y1 - y0)))
+        _write(c, text, (x, y), size, rng.choice(INK))
+
+    def _table(self, rng: random.Random, c: _Canvas) -> None:
+        """A grid like render.make_table's: header row / column shaded, one character per cell."""
+        w = self.world
+        s = w.image_size
+        n_rows, n_cols = w.table_shape
+        cw, ch = s / (n_cols + 1), s / (n_rows + 1)
+        fs = w.px(13)
+        while fs > 6 and (text_bbox("8", fs)[2] - text_bbox("8", fs)[0] > cw - 3
+                          or text_bbox("Q", fs)[3] - text_bbox("Q", fs)[1] > ch - 3):
+            fs -= 1
+
+        def grid(d: ImageDraw.ImageDraw) -> None:
+            d.rectangle((0, 0, s - 1, int(ch)), fill=(225, 232, 245))
+            d.rectangle((0, 0, int(cw), s - 1), fill=(225, 232, 245))
+            for i in range(1, n_cols + 1):
+                d.line((int(i * cw), 0, int(i * cw), s - 1), fill=COLOURS["gray"])
+            for j in range(1, n_rows + 1):
+                d.line((0, int(j * ch), s - 1, int(j * ch)), fill=COLOURS["gray"])
+            d.rectangle((0, 0, s - 1, s - 1), outline=COLOURS["gray"])
+
+        c.paint(grid, None)  # lines and shading are background to every head
+        for j in range(n_rows + 1):
+            for i in range(n_cols + 1):
+                if i == j == 0:
+                    continue
+                header = i == 0 or j == 0
+                ch_ = rng.choice(string.ascii_uppercase if header else string.digits)
+                x0, y0, x1, y1 = text_bbox(ch_, fs)
+                xy = (round((i + 0.5) * cw - (x1 - x0) / 2), round((j + 0.5) * ch - (y1 - y0) / 2))
+                _write(c, ch_, xy, fs, "blue" if header else "black")
+
+    def _chart(self, rng: random.Random, c: _Canvas) -> None:
+        """Bars like render.make_chart's (bar kind), a letter under each and a digit above it."""
+        w = self.world
+        s, k = w.image_size, w.chart_items
+        fs = w.px(11)
+        label_h = text_bbox("A", fs)[3] - text_bbox("A", fs)[1]
+        axis_y = s - label_h - w.px(4)
+        top = label_h + w.px(4)
+        unit = (axis_y - top) / 9.0
+        slot = (s - w.px(4)) / k
+        colour = rng.choice(("red", "green", "blue", "purple", "orange"))
+        c.paint(lambda d: d.line((0, axis_y, s - 1, axis_y), fill=COLOURS["gray"], width=1), None)
+        half = max(2, int(slot * 0.3))
+        for i, (lab, v) in enumerate(zip(rng.sample(string.ascii_uppercase, k), rng.sample(range(1, 10), k))):
+            x, y = int(w.px(2) + slot * (i + 0.5)), round(axis_y - v * unit)
+            c.paint(lambda d, x=x, y=y: d.rectangle((x - half, y, x + half, axis_y - 1), fill=COLOURS[colour]),
+                    Element(colour, "bar"))
+            _write(c, str(v), (x - _ink_width(str(v), fs) // 2, y - w.px(2) - _ink_height(str(v), fs)), fs, "black")
+            _write(c, lab, (x - _ink_width(lab, fs) // 2, axis_y + w.px(2)), fs, "black")
+
+
+class _Canvas:
+    """Draws elements one at a time and records which element painted each pixel last."""
+
+    def __init__(self, img: Image.Image):
+        self.img, self.draw = img, ImageDraw.Draw(img)
+        self.owner = np.full((img.height, img.width), -1, dtype=np.int64)
+        self.elements: list[Element] = []
+
+    def paint(self, fn, element: Element | None) -> None:
+        before = np.asarray(self.img).copy()
+        fn(self.draw)
+        changed = (np.asarray(self.img) != before).any(-1)
+        self.owner[changed] = -1 if element is None else len(self.elements)
+        if element is not None:
+            self.elements.append(element)
+
+    def labels(self, patch: int) -> dict[str, np.ndarray]:
+        h, w = self.owner.shape
+        g_h, g_w = h // patch, w // patch
+        n = len(self.elements)
+        out = {name: np.zeros((g_h, g_w), dtype=np.int64) for name in HEADS}
+        if n == 0:
+            return out
+        # pixels per (patch, element): one-hot owners summed over each patch's pixels
+        blocks = self.owner.reshape(g_h, patch, g_w, patch).transpose(0, 2, 1, 3).reshape(g_h, g_w, -1)
+        counts = np.stack([(blocks == e).sum(-1) for e in range(n)], -1)  # [g_h, g_w, n]
+        best = counts.argmax(-1)
+        hit = counts.max(-1) >= MIN_PIXELS
+        for name, vocab in HEADS.items():
+            index = {v: i for i, v in enumerate(vocab)}
+            ids = np.array([index[getattr(e, name)] for e in self.elements], dtype=np.int64)
+            out[name] = np.where(hit, ids[best], 0)
+        return out
+
+
+def _ink_width(text: str, size: int) -> int:
+    return round(font(size).getlength(text[:-1])) + text_bbox(text[-1], size)[2] - text_bbox(text[0], size)[0]
+
+
+def _ink_height(text: str, size: int) -> int:
+    x0, y0, x1, y1 = text_bbox(text, size)
+    return y1 - y0
+
+
+def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str) -> None:
+    """Draw `text` character by character (advance = the font's advance widths) so each is its own element."""
+    x, y = xy
+    left = text_bbox(text[0], size)[0]
+    top = min(text_bbox(ch, size)[1] for ch in text)
+    for i, ch in enumerate(text):
+        gx = x - left + round(font(size).getlength(text[:i]))
+        c.paint(lambda d, ch=ch, gx=gx: d.text((gx, y - top), ch, font=font(size), fill=COLOURS[ink]),
+                Element(ink, "char", char=ch))

@@ -1,0 +1,201 @@
+"""SAIL-ViT pretraining on dense synthetic labels (a `Stage` with kind="vision").
+
+The paper's SAIL-ViT starts from AIMv2, a pretrained encoder; a tower trained from scratch only through the
+LLM's sparse answer tokens learns to see too slowly for a CPU demo (measured: single-character OCR stays at
+chance after 600 VLM steps from a fresh ViT, and reaches 0.33 in 300 steps from a ViT that was first trained
+directly on images). This stage gives the ViT that start: linear heads on its patch features predict, for
+every patch, the colour / shape / size / character that covers it (`sailvl.data.synth.dense`). Only the ViT
+(and the throwaway heads) train; the stage exports the whole model like any other, the heads are saved next
+to it (`vision_heads.safetensors`) and its checkpoints resume exactly (the images are a pure function of
+the seed and the step).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoint.state import latest_checkpoint
+from ..data.synth.dense import HEADS, DenseStream
+from ..data.synth.world import World
+from ..distributed.checkpoint import load_train_state, save_train_state
+from .optim import apply_trainable, build_optimizer, lr_at, set_lr
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..model.vlm import SailVL
+    from .stages import Stage
+    from .trainer import Trainer
+
+
+class DenseHeads(nn.Module):
+    """One linear classifier per label head over the ViT's patch features."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(width, len(vocab)) for name, vocab in HEADS.items()})
+
+    def forward(self, feats_NPD: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(feats_NPD) for name, head in self.heads.items()}
+
+
+class EmbedHeads(nn.Module):
+    """Per-token classifiers over the adapter's output whose class vectors are the LLM's input embeddings of
+    the label words ("red", "circle", "7", ...; a learned vector for "nothing"). Training the ViT and adapter
+    against them puts each visual token near the embedding of what it shows, in the space the (tied) LM head
+    answers from: SAIL-ViT warm-up's alignment of visual features to the LLM's embedding space."""
+
+    def __init__(self, embed: nn.Embedding, word_ids: dict[str, list[int]]):
+        super().__init__()
+        object.__setattr__(self, "_embed", embed)  # not a submodule: the LLM owns (and checkpoints) it
+        for name, ids in word_ids.items():
+            self.register_buffer(f"ids_{name}", torch.tensor(ids), persistent=False)
+        self.none = nn.ParameterDict({name: nn.Parameter(torch.zeros(embed.embedding_dim)) for name in word_ids})
+
+    def forward(self, tokens_NTE: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, none in self.none.items():
+            classes = torch.cat([none[None], self._embed.weight[getattr(self, f"ids_{name}")]])
+            out[name] = tokens_NTE @ classes.to(tokens_NTE.dtype).T
+        return out
+
+
+# label -> the word whose embedding stands for it (the shape head's non-object classes)
+_WORD = {"char": "text", "bar": "bar"}
+
+
+def word_ids(tokenizer) -> dict[str, list[int]]:
+    """The first token of each label word (index 0, "none", excluded) for EmbedHeads."""
+    return {name: [tokenizer.encode(_WORD.get(w, w), add_special_tokens=False).ids[0] for w in vocab[1:]]
+            for name, vocab in HEADS.items()}
+
+
+class _Pair(nn.Module):
+    """Model + heads as one module, so checkpoints hold both under stable names."""
+
+    def __init__(self, model: nn.Module, heads: nn.Module):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+
+def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Sum over heads of the mean per-patch cross-entropy; also each head's accuracy on labelled patches
+    (patches something covers), the number that says whether the tower sees."""
+    loss, acc = 0.0, {}
+    for name, lg in logits.items():
+        y = labels[name].reshape(-1)
+        lg = lg.reshape(-1, lg.shape[-1]).float()
+        loss = loss + F.cross_entropy(lg, y)
+        fg = y > 0
+        acc[name] = float((lg[fg].argmax(-1) == y[fg]).float().mean()) if bool(fg.any()) else float("nan")
+    return loss, acc
+
+
+def stream_for(stage: Stage, model: SailVL, seed: int) -> DenseStream:
+    opts = dict(stage.vision or {})
+    world = World(**{k: tuple(v) if isinstance(v, list) else v for k, v in opts.pop("world", {}).items()})
+    v = model.config.vision_config
+    if world.image_size != v.image_size:
+        raise ValueError(f"stage {stage.name!r}: the dense world's image_size {world.image_size} != the ViT's "
+                         f"{v.image_size}")
+    target = opts.pop("target", "vit")
+    unknown = set(opts) - {"kinds"}
+    if unknown:
+        raise ValueError(f"stage {stage.name!r}: unknown vision options {sorted(unknown)} (known: world, kinds, "
+                         f"target)")
+    # llm_embed: one label per LLM token, i.e. per pixel-shuffled 2x2 block of patches
+    patch = v.patch_size if target == "vit" else int(round(v.patch_size / model.config.downsample_ratio))
+    return DenseStream(world, patch, seed, **opts)
+
+
+def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -> None:
+    run = trainer.run
+    if trainer.world > 1:
+        raise NotImplementedError("vision stages run in one process (the tower is small); run them without "
+                                  "torchrun and start the multi-rank run from the exported model")
+    target = (stage.vision or {}).get("target", "vit")
+    if target not in ("vit", "llm_embed"):
+        raise ValueError(f"stage {stage.name!r}: vision target must be 'vit' or 'llm_embed', got {target!r}")
+    groups = {"vit": "vision_model.", **({"adapter": "mlp1."} if target == "llm_embed" else {})}
+    for name in stage.trainable:
+        if name not in groups and not name.startswith(tuple(groups.values())):
+            raise ValueError(f"stage {stage.name!r} (kind vision, target {target}) can only train {list(groups)}, "
+                             f"not {name!r}")
+    n_train, n_total = apply_trainable(model, stage)
+    model.vision_model.grad_ckpt = run.activation_checkpointing
+    model.train()
+    if target == "vit":
+        heads = DenseHeads(model.config.vision_config.hidden_size).to(trainer.device)
+    else:
+        from ..data.tokenizer import load_tokenizer
+
+        heads = EmbedHeads(model.language_model.model.embed_tokens,
+                           word_ids(load_tokenizer(run.tokenizer or run.init))).to(trainer.device)
+    optimizer = build_optimizer(model, stage)
+    head_lr = stage.lr.get("heads", stage.lr.get("vit", max(stage.lr.values())))
+    optimizer.add_param_group({"params": list(heads.parameters()), "base_lr": head_lr, "lr": head_lr,
+                               "weight_decay": 0.0})
+    pair = _Pair(model, heads)
+    stream = stream_for(stage, model, run.seed * 1000 + si)
+    step, bad = 0, 0
+    ckpt_root = trainer.stage_dir(si) / "checkpoints"
+    latest = latest_checkpoint(ckpt_root) if trainer.resume else None
+    if latest is not None:
+        state = load_train_state(latest, pair, optimizer)
+        step, bad = state["step"], state["bad_steps"]
+        trainer._truncate_metrics(si, step)
+        trainer._say(f"stage {stage.name}: resumed from {latest}")
+    trainer._say(f"stage {stage.name}: {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters train (ViT on "
+                 f"dense synthetic labels), {stage.steps} steps of {stage.rows_per_step} images")
+    autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sel = model.config.select_layer
+    progress = Progress(stage.steps, stage.name, every=run.log_every, enabled=not trainer.quiet, start=step)
+    while step < stage.steps:
+        t0 = time.perf_counter()
+        pixels, labels = stream.batch(step, stage.rows_per_step)
+        pixels, labels = pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in labels.items()}
+        with autocast:
+            if target == "vit":
+                feats = model.vision_model(pixels, select_layer=sel)
+            else:  # the LLM tokens the adapter makes, [N, T, E]
+                feats = model.encode_images(pixels).view(len(pixels), -1, model.config.llm_config.hidden_size)
+            loss, acc = dense_loss(heads(feats), labels)
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            bad += 1
+            warnings.warn(f"stage {stage.name} step {step}: non-finite loss, step skipped ({bad} in a row)",
+                          RuntimeWarning, stacklevel=2)
+            if bad >= run.max_bad_steps:
+                from .trainer import TrainingError
+
+                raise TrainingError(f"stage {stage.name}: {bad} non-finite steps in a row at step {step}")
+            step += 1
+            continue
+        bad = 0
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+        set_lr(optimizer, lr_at(stage, step))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        rec = {"stage": stage.name, "stage_index": si, "step": step, "loss": loss.item(),
+               "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+               "images": stage.rows_per_step, "images_per_s": stage.rows_per_step / dt,
+               **{f"acc_{k}": v for k, v in acc.items()}}
+        trainer._log(rec)
+        progress.update(step, loss=rec["loss"], lr=rec["lr"], acc_char=round(acc["char"], 3),
+                        acc_shape=round(acc["shape"], 3), img_s=int(rec["images_per_s"]))
+        if step % run.checkpoint_every == 0 or step == stage.steps:
+            save_train_state(ckpt_root, step, pair, optimizer, {"step": step, "bad_steps": bad},
+                             keep=run.keep_checkpoints)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()},
+              str(trainer.stage_dir(si) / "vision_heads.safetensors"))

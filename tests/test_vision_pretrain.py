@@ -1,0 +1,156 @@
+"""SAIL-ViT pretraining on dense synthetic labels: the label maps, the stream, and the vision stage."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sailvl.config import tiny_config
+from sailvl.data.synth.dense import CHARS, HEADS, MIN_PIXELS, DenseStream, Element, _Canvas, _write
+from sailvl.data.synth.scene import Obj, draw_obj
+from sailvl.data.synth.world import BACKGROUND, World
+from sailvl.data.tokenizer import train_bpe
+from sailvl.model.vlm import SailVL
+from sailvl.train.stages import RunConfig, Stage
+from sailvl.train.trainer import Trainer
+from sailvl.train.vision import dense_loss, stream_for
+
+
+def ink_per_patch(img: Image.Image, patch: int) -> np.ndarray:
+    ink = (np.asarray(img) != np.array(BACKGROUND, dtype=np.uint8)).any(-1)
+    g = ink.shape[0] // patch
+    return ink.reshape(g, patch, g, patch).sum((1, 3))
+
+
+def test_object_labels_cover_exactly_the_patches_it_paints():
+    img = Image.new("RGB", (64, 64), BACKGROUND)
+    c = _Canvas(img)
+    o = Obj("triangle", "blue", "large", 30, 25, 15)
+    c.paint(lambda d: draw_obj(d, o), Element("blue", "triangle", "large"))
+    lab = c.labels(8)
+    painted = ink_per_patch(img, 8) >= MIN_PIXELS
+    assert painted.sum() > 4
+    assert np.array_equal(lab["colour"] > 0, painted)
+    assert set(np.unique(lab["colour"][painted])) == {HEADS["colour"].index("blue")}
+    assert set(np.unique(lab["shape"][painted])) == {HEADS["shape"].index("triangle")}
+    assert set(np.unique(lab["size"][painted])) == {HEADS["size"].index("large")}
+    assert not lab["char"].any()
+
+
+def test_characters_are_labelled_left_to_right_in_their_own_patches():
+    img = Image.new("RGB", (64, 64), BACKGROUND)
+    c = _Canvas(img)
+    _write(c, "7Q", (6, 20), 26, "black")
+    lab = c.labels(8)["char"]
+    cols = {ch: np.nonzero(lab == HEADS["char"].index(ch))[1] for ch in "7Q"}
+    assert len(cols["7"]) and len(cols["Q"])
+    assert cols["7"].mean() < cols["Q"].mean()
+    assert np.array_equal(lab > 0, (ink_per_patch(img, 8) >= MIN_PIXELS) & (lab > 0))  # labels sit on ink
+
+
+def test_stream_is_a_pure_function_of_seed_and_step():
+    s = DenseStream(World(), seed=3)
+    x1, y1 = s.batch(5, 8)
+    x2, y2 = DenseStream(World(), seed=3).batch(5, 8)
+    x3, _ = s.batch(6, 8)
+    assert x1.shape == (8, 3, 64, 64) and all(v.shape == (8, 8, 8) for v in y1.values())
+    assert torch.equal(x1, x2) and all(torch.equal(y1[k], y2[k]) for k in HEADS)
+    assert not torch.equal(x1, x3)
+    for k, vocab in HEADS.items():
+        assert int(y1[k].min()) >= 0 and int(y1[k].max()) < len(vocab)
+
+
+def test_every_kind_labels_what_it_draws():
+    rng = random.Random(0)
+    for kind, head in [("scene", "shape"), ("text", "char"), ("table", "char"), ("chart", "char")]:
+        img, lab = DenseStream(World(), kinds={kind: 1}).sample(rng)
+        assert (lab[head] > 0).any(), kind
+        # every labelled patch has ink (table lines / chart axes are drawn but never labelled)
+        assert ((lab["colour"] > 0) <= (ink_per_patch(img, 8) >= MIN_PIXELS)).all(), kind
+    with pytest.raises(ValueError, match="unknown dense image kinds"):
+        DenseStream(World(), kinds={"photos": 1})
+    assert len(CHARS) == len(HEADS["char"]) - 1
+
+
+def test_dense_loss_is_zero_for_perfect_logits():
+    labels = {k: torch.randint(0, len(v), (2, 8, 8)) for k, v in HEADS.items()}
+    logits = {k: torch.nn.functional.one_hot(v, len(HEADS[k])).float() * 100 for k, v in labels.items()}
+    loss, acc = dense_loss(logits, labels)
+    assert float(loss) < 1e-6 and all(a == 1.0 for a in acc.values())
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_bpe(["a small red circle", "What is written in the image?"] * 20, 300, d)
+    return d
+
+
+def vision_run(tok, out, steps=6, **kw) -> RunConfig:
+    cfg = tiny_config(vocab_size=300)
+    st = Stage("dense", steps, [], kind="vision", trainable=["vit"], lr={"vit": 2e-3}, rows_per_step=8,
+               warmup_steps=1, vision={"world": {"image_size": cfg.vision_config.image_size}})
+    return RunConfig(name="v", model=cfg, tokenizer=str(tok), out_dir=str(out), stages=[st], precision="fp32",
+                     checkpoint_every=3, log_every=1, **kw)
+
+
+def test_vision_stage_trains_only_the_vit_and_learns(tok, tmp_path):
+    run = vision_run(tok, tmp_path, steps=25)
+    final = Trainer(run, quiet=True).fit()
+    torch.manual_seed(run.seed)
+    init = SailVL(run.model)
+    after = SailVL.from_pretrained(final)
+    for name, p in after.state_dict().items():
+        assert torch.equal(p, init.state_dict()[name]) != name.startswith("vision_model."), name
+    recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 26))
+    assert np.mean([r["loss"] for r in recs[-5:]]) < 0.7 * np.mean([r["loss"] for r in recs[:3]])
+    assert (tmp_path / "v" / "00_dense" / "vision_heads.safetensors").exists()
+
+
+def test_vision_stage_resumes_exactly(tok, tmp_path, monkeypatch):
+    Trainer(vision_run(tok, tmp_path / "full"), quiet=True).fit()
+    full = [json.loads(x)["loss"] for x in (tmp_path / "full" / "v" / "metrics.jsonl").read_text().splitlines()]
+
+    real = DenseStream.batch
+
+    def crash_at_4(self, step, n):
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, step, n)
+
+    monkeypatch.setattr(DenseStream, "batch", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(vision_run(tok, tmp_path / "cut"), quiet=True).fit()
+    monkeypatch.setattr(DenseStream, "batch", real)
+    Trainer(vision_run(tok, tmp_path / "cut"), resume=True, quiet=True).fit()
+    cut = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert cut == full  # steps 1-3 before the crash, 4-6 after resuming from the step-3 checkpoint
+
+
+def test_vision_stage_rejects_training_other_towers(tok, tmp_path):
+    run = vision_run(tok, tmp_path)
+    run.stages[0].trainable = ["vit", "llm"]
+    with pytest.raises(ValueError, match="can only train"):
+        Trainer(run, quiet=True).fit()
+
+
+def test_llm_embed_target_aligns_adapter_tokens_to_word_embeddings(tok, tmp_path):
+    run = vision_run(tok, tmp_path, steps=25)
+    st = run.stages[0]
+    st.trainable, st.lr = ["vit", "adapter"], {"vit": 2e-3, "adapter": 2e-3}
+    st.vision = {**st.vision, "target": "llm_embed"}
+    final = Trainer(run, quiet=True).fit()
+    torch.manual_seed(run.seed)
+    init = SailVL(run.model)
+    after = SailVL.from_pretrained(final)
+    for name, p in after.state_dict().items():  # the LLM (and its embeddings, the class vectors) stays as it was
+        assert torch.equal(p, init.state_dict()[name]) == name.startswith("language_model."), name
+    recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in recs[-5:]]) < 0.7 * np.mean([r["loss"] for r in recs[:3]])
+    # labels live on the LLM-token grid: 64 px / (patch 8 / pixel-shuffle 0.5) = 4 x 4
+    stream = stream_for(st, after, 0)
+    assert stream.grid == 4
