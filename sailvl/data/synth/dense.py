@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
+from .render import draw_table_grid
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
 
@@ -115,16 +116,7 @@ class DenseStream:
                           or text_bbox("Q", fs)[3] - text_bbox("Q", fs)[1] > ch - 3):
             fs -= 1
 
-        def grid(d: ImageDraw.ImageDraw) -> None:
-            d.rectangle((0, 0, s - 1, int(ch)), fill=(225, 232, 245))
-            d.rectangle((0, 0, int(cw), s - 1), fill=(225, 232, 245))
-            for i in range(1, n_cols + 1):
-                d.line((int(i * cw), 0, int(i * cw), s - 1), fill=COLOURS["gray"])
-            for j in range(1, n_rows + 1):
-                d.line((0, int(j * ch), s - 1, int(j * ch)), fill=COLOURS["gray"])
-            d.rectangle((0, 0, s - 1, s - 1), outline=COLOURS["gray"])
-
-        c.paint(grid, None)  # lines and shading are background to every head
+        c.paint(lambda d: draw_table_grid(d, s, n_rows, n_cols), None)  # background to every head
         for j in range(n_rows + 1):
             for i in range(n_cols + 1):
                 if i == j == 0:

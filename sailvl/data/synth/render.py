@@ -174,13 +174,7 @@ def make_table(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
         fs -= 1
     img = Image.new("RGB", (s, s), BACKGROUND)
     d = ImageDraw.Draw(img)
-    d.rectangle((0, 0, s - 1, int(ch)), fill=(225, 232, 245))
-    d.rectangle((0, 0, int(cw), s - 1), fill=(225, 232, 245))
-    for i in range(1, n_cols + 1):
-        d.line((int(i * cw), 0, int(i * cw), s - 1), fill=COLOURS["gray"])
-    for j in range(1, n_rows + 1):
-        d.line((0, int(j * ch), s - 1, int(j * ch)), fill=COLOURS["gray"])
-    d.rectangle((0, 0, s - 1, s - 1), outline=COLOURS["gray"])
+    draw_table_grid(d, s, n_rows, n_cols)
 
     def put(text: str, ci: int, rj: int, ink: str) -> None:
         x0, y0, x1, y1 = text_bbox(text, fs)
@@ -194,6 +188,18 @@ def make_table(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
         for i in range(n_cols):
             put(str(cells[j][i]), i + 1, j + 1, "black")
     return {"cols": cols, "rows": rows, "cells": cells}, img
+
+
+def draw_table_grid(d: ImageDraw.ImageDraw, s: int, n_rows: int, n_cols: int) -> None:
+    """Shaded header row and column and the grid lines of an s x s table with n_rows x n_cols data cells."""
+    cw, ch = s / (n_cols + 1), s / (n_rows + 1)
+    d.rectangle((0, 0, s - 1, int(ch)), fill=(225, 232, 245))
+    d.rectangle((0, 0, int(cw), s - 1), fill=(225, 232, 245))
+    for i in range(1, n_cols + 1):
+        d.line((int(i * cw), 0, int(i * cw), s - 1), fill=COLOURS["gray"])
+    for j in range(1, n_rows + 1):
+        d.line((0, int(j * ch), s - 1, int(j * ch)), fill=COLOURS["gray"])
+    d.rectangle((0, 0, s - 1, s - 1), outline=COLOURS["gray"])
 
 
 def describe_table(spec: dict) -> str:
