@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sailvl.config import tiny_config
-from sailvl.data.synth.dense import CHARS, HEADS, MIN_PIXELS, DenseStream, Element, _Canvas, _write
+from sailvl.data.synth.dense import CHARS, HEADS, IMAGE_CHAR, MIN_PIXELS, DenseStream, Element, _Canvas, _write
 from sailvl.data.synth.scene import Obj, draw_obj
 from sailvl.data.synth.world import BACKGROUND, World
 from sailvl.data.tokenizer import train_bpe
@@ -56,7 +56,8 @@ def test_stream_is_a_pure_function_of_seed_and_step():
     x1, y1 = s.batch(5, 8)
     x2, y2 = DenseStream(World(), seed=3).batch(5, 8)
     x3, _ = s.batch(6, 8)
-    assert x1.shape == (8, 3, 64, 64) and all(v.shape == (8, 8, 8) for v in y1.values())
+    assert x1.shape == (8, 3, 64, 64) and all(y1[k].shape == (8, 8, 8) for k in HEADS)
+    assert y1[IMAGE_CHAR].shape == (8,)
     assert torch.equal(x1, x2) and all(torch.equal(y1[k], y2[k]) for k in HEADS)
     assert not torch.equal(x1, x3)
     for k, vocab in HEADS.items():
@@ -65,9 +66,12 @@ def test_stream_is_a_pure_function_of_seed_and_step():
 
 def test_every_kind_labels_what_it_draws():
     rng = random.Random(0)
-    for kind, head in [("scene", "shape"), ("text", "char"), ("table", "char"), ("chart", "char")]:
+    for kind, head in [("scene", "shape"), ("text", "char"), ("table", "char"), ("chart", "char"),
+                       ("glyph", "char")]:
         img, lab = DenseStream(World(), kinds={kind: 1}).sample(rng)
         assert (lab[head] > 0).any(), kind
+        # only a one-character image has an image-level label, and it is the character its patches show
+        assert int(lab[IMAGE_CHAR]) == (int(lab["char"].max()) if kind == "glyph" else 0), kind
         # every labelled patch has ink (table lines / chart axes are drawn but never labelled)
         assert ((lab["colour"] > 0) <= (ink_per_patch(img, 8) >= MIN_PIXELS)).all(), kind
     with pytest.raises(ValueError, match="unknown dense image kinds"):

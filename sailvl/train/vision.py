@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint.state import latest_checkpoint
-from ..data.synth.dense import HEADS, DenseStream
+from ..data.synth.dense import HEADS, IMAGE_CHAR, DenseStream
 from ..data.synth.world import World
 from ..distributed.checkpoint import load_train_state, save_train_state
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
@@ -41,9 +41,11 @@ class DenseHeads(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.Linear(width, len(vocab)) for name, vocab in HEADS.items()})
+        self.image_char = nn.Linear(width, len(HEADS["char"]))  # over the mean of all patches
 
     def forward(self, feats_NPD: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(feats_NPD) for name, head in self.heads.items()}
+        return {**{name: head(feats_NPD) for name, head in self.heads.items()},
+                IMAGE_CHAR: self.image_char(feats_NPD.mean(1))}
 
 
 class EmbedHeads(nn.Module):
@@ -90,6 +92,12 @@ def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
     (patches something covers), the number that says whether the tower sees."""
     loss, acc = 0.0, {}
     for name, lg in logits.items():
+        if name == IMAGE_CHAR:  # image-level: only images with one character (label 0 = no label)
+            y = labels[name]
+            if bool((y > 0).any()):
+                loss = loss + F.cross_entropy(lg.float(), y, ignore_index=0)
+                acc[name] = float((lg[y > 0].argmax(-1) == y[y > 0]).float().mean())
+            continue
         y = labels[name].reshape(-1)
         lg = lg.reshape(-1, lg.shape[-1]).float()
         loss = loss + F.cross_entropy(lg, y)

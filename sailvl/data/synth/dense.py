@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
-from .render import draw_table_grid
+from .render import draw_table_grid, make_text_image
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
 
@@ -34,7 +34,11 @@ HEADS: dict[str, tuple[str, ...]] = {
     "size": ("none", "small", "large"),
     "char": ("none", *CHARS),
 }
-KINDS = ("scene", "text", "table", "chart")
+KINDS = ("scene", "text", "table", "chart", "glyph")
+# Image-level label: for "glyph" images (one character drawn exactly as the world's OCR task draws it) the
+# character's index in HEADS["char"], else 0 (no image-level label). Measured: a ViT trained to classify such
+# images lets the VLM learn single-character OCR in 300 steps (0.43-0.45), per-patch labels alone do not (0.06).
+IMAGE_CHAR = "image_char"
 MIN_PIXELS = 3  # a patch is labelled with the element that paints the most of its pixels, if >= this many
 
 
@@ -74,21 +78,29 @@ class DenseStream:
         kind = rng.choices(names, weights)[0]
         img = Image.new("RGB", (self.world.image_size,) * 2, BACKGROUND)
         canvas = _Canvas(img)
-        getattr(self, f"_{kind}")(rng, canvas)
-        return img, canvas.labels(self.patch_size)
+        glyph = getattr(self, f"_{kind}")(rng, canvas)
+        labels = canvas.labels(self.patch_size)
+        labels[IMAGE_CHAR] = np.array(HEADS["char"].index(glyph) if glyph else 0, dtype=np.int64)
+        return img, labels
 
     def batch(self, step: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Batch `step` (deterministic in seed and step): pixels [n, 3, S, S] and labels {head: [n, G, G]}."""
         rng = random.Random(self.seed * 1_000_003 + step)
-        images, labels = [], {h: [] for h in HEADS}
+        images, labels = [], {h: [] for h in (*HEADS, IMAGE_CHAR)}
         for _ in range(n):
             img, lab = self.sample(rng)
             images.append(to_tensor(img))
-            for h in HEADS:
+            for h in labels:
                 labels[h].append(torch.from_numpy(lab[h]))
         return torch.stack(images), {h: torch.stack(v) for h, v in labels.items()}
 
     # ------------------------------------------------------------------------------------------ kinds
+    def _glyph(self, rng: random.Random, c: _Canvas) -> str:
+        """One character, drawn by render.make_text_image exactly as the world's OCR images are."""
+        spec, img = make_text_image(rng, replace(self.world, ocr_max_chars=1))
+        c.paint(lambda d: c.img.paste(img), Element(spec["colour"], "char", char=spec["text"]))
+        return spec["text"]
+
     def _scene(self, rng: random.Random, c: _Canvas) -> None:
         for o in random_scene(rng, self.world, rng.randint(1, self.world.max_objects)):
             c.paint(lambda d, o=o: draw_obj(d, o), Element(o.colour, o.shape, o.size))
