@@ -125,9 +125,12 @@ def stream_for(stage: Stage, model: SailVL, seed: int) -> DenseStream:
 
 def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -> None:
     run = trainer.run
+    if not stage.steps:  # a skipped stage (e.g. stages.vit_dense.steps=0 under torchrun): nothing to train
+        return
     if trainer.world > 1:
-        raise NotImplementedError("vision stages run in one process (the tower is small); run them without "
-                                  "torchrun and start the multi-rank run from the exported model")
+        raise NotImplementedError(f"vision stages run in one process (the tower is small): run stage "
+                                  f"{stage.name!r} without torchrun, then start the multi-rank run from its "
+                                  f"exported model (or skip it with stages.{stage.name}.steps=0)")
     target = (stage.vision or {}).get("target", "vit")
     if target not in ("vit", "llm_embed"):
         raise ValueError(f"stage {stage.name!r}: vision target must be 'vit' or 'llm_embed', got {target!r}")
