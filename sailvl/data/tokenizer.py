@@ -41,6 +41,11 @@ def token_id(tok: Tokenizer, token: str) -> int:
 # single digits, punctuation runs, newlines, spaces).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# The same split with capital letters as pieces of their own unless they start a lowercase word ("KN" -> K N,
+# "Describe" stays whole): a small BPE trained on data full of letter codes (OCR answers, chart and table labels)
+# would otherwise spend merges on letter pairs, and a model must then learn every pair as an unrelated token.
+CAPITALS_SPLIT = QWEN_SPLIT.replace(r"[^\r\n\p{L}\p{N}]?\p{L}+",
+                                    r"[^\r\n\p{L}\p{N}]?\p{Lu}?[^\P{L}\p{Lu}]+|[^\r\n\p{L}\p{N}]?\p{L}")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -73,13 +78,14 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterable[str]:
                         yield content.replace("<image>", "").replace("<video>", "")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
-    """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir."""
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, split_capitals: bool = False) -> Tokenizer:
+    """Train a byte-level BPE on `texts` and write tokenizer.json + tokenizer_config.json to out_dir.
+    `split_capitals`: runs of capital letters are never merged (CAPITALS_SPLIT instead of QWEN_SPLIT)."""
     tok = Tokenizer(models.BPE())
     # Qwen2/Qwen3's pre-tokenization: every digit is its own token (numbers are compositional: 594 -> 5 9 4),
     # words keep a leading space, then byte-level mapping.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(CAPITALS_SPLIT if split_capitals else QWEN_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -119,5 +119,6 @@ def prepare_tiny(run: RunConfig, n_train: int = 60_000, n_eval: int = 900, seed:
     for group, tasks in GROUPS.items():
         keep = [line for line in lines if json.loads(line)["task"] in tasks]
         (data / f"train_{group}.jsonl").write_text("\n".join(keep) + "\n")
-    train_bpe(corpus_texts([data / "train.jsonl"]), VOCAB, data / "tokenizer")
+    # capitals split: otherwise half of the two-letter OCR answers become single tokens of their own (measured)
+    train_bpe(corpus_texts([data / "train.jsonl"]), VOCAB, data / "tokenizer", split_capitals=True)
     (data / "READY").write_text(json.dumps({"n_train": n_train, "n_eval": n_eval, "seed": seed}))
