@@ -121,10 +121,10 @@ def test_vision_stage_resumes_exactly(tok, tmp_path, monkeypatch):
 
     real = DenseStream.batch
 
-    def crash_at_4(self, step, n):
+    def crash_at_4(self, step, n, offset=0):
         if step == 4:
             raise KeyboardInterrupt("simulated crash")
-        return real(self, step, n)
+        return real(self, step, n, offset)
 
     monkeypatch.setattr(DenseStream, "batch", crash_at_4)
     with pytest.raises(KeyboardInterrupt):

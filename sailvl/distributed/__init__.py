@@ -59,6 +59,32 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_grads(params: list[torch.Tensor], divide: int = 1) -> None:
+    """Data parallelism with the whole model on every rank ("ddp"): sum (then divide by `divide`) the
+    gradients of `params` over ranks, in one flat bucket (one collective per step: what small models on CPU
+    need). A parameter this rank gave no gradient (e.g. the ViT on a rank whose rows have no image) counts
+    as zeros; one that no rank gave a gradient keeps none, as in one process (AdamW then skips it)."""
+    if not is_dist() or not params:
+        return
+    has = [p.grad is not None for p in params]
+    flat = torch.cat([*((p.grad if h else torch.zeros_like(p)).reshape(-1).float() for p, h in zip(params, has)),
+                      torch.tensor(has, dtype=torch.float32)])
+    all_reduce_sum(flat)
+    if divide != 1:
+        flat[:-len(params)] /= divide
+    anyone = flat[-len(params):] > 0
+    offset = 0
+    for p, some in zip(params, anyone.tolist()):
+        g = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if not some:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = g.to(p.dtype).clone()
+        else:
+            p.grad.copy_(g)
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -274,10 +274,16 @@ def _from_local(obj: Any, model: torch.nn.Module) -> Any:
 # ---------------------------------------------------------------------------------------------- export
 def gather_model(model: torch.nn.Module):
     """The full weights of an FSDP-sharded SailVL as an unsharded CPU SailVL on rank 0 (None on the other
-    ranks; every rank must call this). Without a process group the model itself is returned."""
+    ranks; every rank must call this). Without a process group the model itself is returned; a model every
+    rank holds whole ("ddp") is returned on rank 0."""
     if not is_dist():
         return model
+    from torch.distributed.fsdp import FSDPModule
+
     from ..model.vlm import SailVL
+
+    if not isinstance(model, FSDPModule):  # "ddp": every rank holds the whole model already
+        return model if is_main() else None
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():

@@ -16,6 +16,9 @@ Features:
     bf16 as a mixed-precision policy instead of autocast), gradients summed over ranks so the same global
     batch gives the same loss and update as one process, sharded checkpoints loadable on any number of ranks
     (`sailvl.distributed.checkpoint`), the stage export gathered to rank 0, metrics summed over ranks.
+    `parallel="ddp"` instead keeps the whole model on every rank (bf16 autocast) and all-reduces the gradients
+    once per step: for small models, where FSDP's per-block collectives cost more than the compute they share
+    (measured on 2 CPU cores with the tiny recipe; benchmarks/bench_parallel.py).
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ class Trainer:
         run, cfg = self.run, model.config.llm_config
         n_train, n_total = apply_trainable(model, stage)
         model.language_model.grad_ckpt = model.vision_model.grad_ckpt = run.activation_checkpointing
-        if self.world > 1:  # after freezing: FSDP units are built for this stage's trainable parameters
+        ddp = self.world > 1 and run.parallel == "ddp"
+        if self.world > 1 and not ddp:  # after freezing: FSDP units are built for this stage's trainable parameters
             parallelize(model, run.precision, run.activation_checkpointing)
         model.train()
         optimizer = build_optimizer(model, stage)
@@ -187,7 +191,7 @@ class Trainer:
             self._say(f"stage {stage.name}: resumed from {latest}")
         self._say(f"stage {stage.name}: {n_train / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters train, "
                   f"{stage.steps} steps of {stage.grad_accum} x {stage.rows_per_step} x {stage.max_len} tokens")
-        use_autocast = run.precision == "bf16" and self.world == 1  # under FSDP: its mixed-precision policy
+        use_autocast = run.precision == "bf16" and (self.world == 1 or ddp)  # FSDP: its mixed-precision policy
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
         sync = self.world > 1  # every rank runs the same backward passes and norm (FSDP collectives)
         batches = iter(packer)
@@ -209,12 +213,15 @@ class Trainer:
                     finite = False
                     if not sync:
                         break  # (ranks in sync go on: the non-finite gradient norm skips the step below)
-                loss.backward()
+                if loss.requires_grad:  # (no image in these rows while only the adapter trains: no gradient)
+                    loss.backward()
                 sums["loss"] += loss.item()
                 sums["lm"] += lm.item()
                 sums["aux"] += aux.item() / stage.grad_accum
                 if out.router_logits:
                     loads.append(out.expert_load(cfg.num_experts, cfg.num_experts_per_tok)[0])
+            if ddp:  # the step's gradient: the ranks' losses are shares of the global loss, so their sum
+                D.all_reduce_grads(params)
             grad_norm = D.clip_grad_norm_(params, run.grad_clip) if finite or sync else torch.tensor(float("nan"))
             flag = D.all_reduce_sum(torch.tensor([0.0 if finite and torch.isfinite(grad_norm) else 1.0]))
             if flag.item() > 0:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import distributed as D
 from ..checkpoint.state import latest_checkpoint
 from ..data.synth.dense import HEADS, IMAGE_CHAR, DenseStream
 from ..data.synth.world import World
@@ -87,16 +88,22 @@ class _Pair(nn.Module):
         self.model, self.heads = model, heads
 
 
-def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+               n_char_images: float | None = None) -> tuple[torch.Tensor, dict]:
     """Sum over heads of the mean per-patch cross-entropy; also each head's accuracy on labelled patches
-    (patches something covers), the number that says whether the tower sees."""
+    (patches something covers), the number that says whether the tower sees. The image-level term is
+    averaged over the images that have its label (or divided by `n_char_images`: several ranks, each
+    holding a share of the step's images, pass the step's count / ranks)."""
     loss, acc = 0.0, {}
     for name, lg in logits.items():
         if name == IMAGE_CHAR:  # image-level: only images with one character (label 0 = no label)
             y = labels[name]
-            if bool((y > 0).any()):
-                loss = loss + F.cross_entropy(lg.float(), y, ignore_index=0)
-                acc[name] = float((lg[y > 0].argmax(-1) == y[y > 0]).float().mean())
+            has = y > 0
+            total = float(has.sum()) if n_char_images is None else n_char_images
+            if total > 0:
+                loss = loss + F.cross_entropy(lg.float(), y, ignore_index=0, reduction="sum") / total
+            if bool(has.any()):
+                acc[name] = float((lg[has].argmax(-1) == y[has]).float().mean())
             continue
         y = labels[name].reshape(-1)
         lg = lg.reshape(-1, lg.shape[-1]).float()
@@ -127,10 +134,6 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
     run = trainer.run
     if not stage.steps:  # a skipped stage (e.g. stages.vit_dense.steps=0 under torchrun): nothing to train
         return
-    if trainer.world > 1:
-        raise NotImplementedError(f"vision stages run in one process (the tower is small): run stage "
-                                  f"{stage.name!r} without torchrun, then start the multi-rank run from its "
-                                  f"exported model (or skip it with stages.{stage.name}.steps=0)")
     target = (stage.vision or {}).get("target", "vit")
     if target not in ("vit", "llm_embed"):
         raise ValueError(f"stage {stage.name!r}: vision target must be 'vit' or 'llm_embed', got {target!r}")
@@ -168,18 +171,28 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
     autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sel = model.config.select_layer
-    progress = Progress(stage.steps, stage.name, every=run.log_every, enabled=not trainer.quiet, start=step)
+    progress = Progress(stage.steps, stage.name, every=run.log_every, enabled=D.is_main() and not trainer.quiet,
+                        start=step)
+    n, world, rank = stage.rows_per_step, trainer.world, trainer.rank
     while step < stage.steps:
         t0 = time.perf_counter()
-        pixels, labels = stream.batch(step, stage.rows_per_step)
+        # several ranks (the whole tower on each, "ddp"): the step's images are drawn as one batch of n x ranks
+        # and every rank trains on its slice, so the step is the one a single process with n x ranks takes
+        pixels, labels = stream.batch(step, n, offset=rank * n)
         pixels, labels = pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in labels.items()}
+        n_char = None
+        if world > 1:
+            n_char = float(D.all_reduce_sum((labels[IMAGE_CHAR] > 0).sum().double().cpu())) / world
         with autocast:
             if target == "vit":
                 feats = model.vision_model(pixels, select_layer=sel)
             else:  # the LLM tokens the adapter makes, [N, T, E]
                 feats = model.encode_images(pixels).view(len(pixels), -1, model.config.llm_config.hidden_size)
-            loss, acc = dense_loss(heads(feats), labels)
-        if not torch.isfinite(loss):
+            loss, acc = dense_loss(heads(feats), labels, n_char)
+        finite = bool(torch.isfinite(loss))
+        if world > 1:  # one decision for all ranks (they must issue the same collectives)
+            finite = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
             bad += 1
             warnings.warn(f"stage {stage.name} step {step}: non-finite loss, step skipped ({bad} in a row)",
@@ -192,15 +205,21 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
             continue
         bad = 0
         loss.backward()
+        D.all_reduce_grads(params, divide=world)  # (one process: nothing to do)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
         set_lr(optimizer, lr_at(stage, step))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
-        rec = {"stage": stage.name, "stage_index": si, "step": step, "loss": loss.item(),
+        if world > 1:  # the step's loss and (approximately: mean over ranks) accuracies
+            red = D.all_reduce_sum(torch.tensor([loss.item(), *acc.values()], dtype=torch.float64)) / world
+            loss_value, acc = float(red[0]), dict(zip(acc, red[1:].tolist()))
+        else:
+            loss_value = loss.item()
+        rec = {"stage": stage.name, "stage_index": si, "step": step, "loss": loss_value,
                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-               "images": stage.rows_per_step, "images_per_s": stage.rows_per_step / dt,
+               "images": n * world, "images_per_s": n * world / dt,
                **{f"acc_{k}": v for k, v in acc.items()}}
         trainer._log(rec)
         progress.update(step, loss=rec["loss"], lr=rec["lr"], acc_char=round(acc["char"], 3),
@@ -208,5 +227,6 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
         if step % run.checkpoint_every == 0 or step == stage.steps:
             save_train_state(ckpt_root, step, pair, optimizer, {"step": step, "bad_steps": bad},
                              keep=run.keep_checkpoints)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()},
-              str(trainer.stage_dir(si) / "vision_heads.safetensors"))
+    if D.is_main():
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()},
+                  str(trainer.stage_dir(si) / "vision_heads.safetensors"))

@@ -83,12 +83,12 @@ class DenseStream:
         labels[IMAGE_CHAR] = np.array(HEADS["char"].index(glyph) if glyph else 0, dtype=np.int64)
         return img, labels
 
-    def batch(self, step: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Batch `step` (deterministic in seed and step): pixels [n, 3, S, S] and labels {head: [n, G, G]}."""
-        rng = random.Random(self.seed * 1_000_003 + step)
+    def batch(self, step: int, n: int, offset: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images offset .. offset + n - 1 of step `step`: pixels [n, 3, S, S] and labels {head: [n, G, G]}.
+        Each image is a pure function of (seed, step, index), so ranks can draw disjoint slices of a step."""
         images, labels = [], {h: [] for h in (*HEADS, IMAGE_CHAR)}
-        for _ in range(n):
-            img, lab = self.sample(rng)
+        for i in range(offset, offset + n):
+            img, lab = self.sample(random.Random(((self.seed * 1_000_003 + step) << 20) + i))
             images.append(to_tensor(img))
             for h in labels:
                 labels[h].append(torch.from_numpy(lab[h]))
