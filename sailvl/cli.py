@@ -10,7 +10,7 @@ def _demo(args) -> int:
     from .demo import run
 
     _tune_malloc()
-    run(args.out, scale=args.scale, quick=args.quick, seed=args.seed, resume=args.resume)
+    run(args.out, scale=args.scale, quick=args.quick, seed=args.seed, resume=args.resume, procs=args.procs)
     return 0
 
 
@@ -45,7 +45,7 @@ def _compose(args) -> int:
 def _tokenizer(args) -> int:
     from .data.tokenizer import corpus_texts, train_bpe
 
-    tok = train_bpe(corpus_texts(args.corpus), args.vocab_size, args.out)
+    tok = train_bpe(corpus_texts(args.corpus), args.vocab_size, args.out, split_capitals=args.split_capitals)
     print(f"trained a byte-level BPE with {tok.get_vocab_size()} tokens -> {args.out}/tokenizer.json")
     return 0
 
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (time vs accuracy)")
     d.add_argument("--quick", action="store_true", help="a one-minute smoke run (tiny data, a few steps)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    d.add_argument("--procs", type=int, default=1,
+                   help="training processes under torchrun (ddp, one thread each); 1 = in this process")
     d.set_defaults(func=_demo)
 
     conv = sub.add_parser("convert", help="checkpoint conversions")
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", nargs="+", required=True, help=".txt files (lines) or .jsonl conversation files")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output directory (tokenizer.json + tokenizer_config.json)")
+    t.add_argument("--split-capitals", action="store_true",
+                   help="never merge runs of capital letters (letter codes: OCR answers, chart / table labels)")
     t.set_defaults(func=_tokenizer)
     sy = data_sub.add_parser("synth", help="generate the built-in synthetic visual world (train / val / test)")
     sy.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, test.jsonl, images/)")

@@ -98,3 +98,18 @@ def test_plot_writes_png(tmp_path):
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "nope")]) == 1
+
+
+def test_demo_training_processes_split_every_step_or_refuse(tmp_path, capsys):
+    import pytest
+
+    from sailvl.demo import _train
+    from sailvl.recipes.tiny import tiny
+
+    run = tiny(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path))
+    run.stages[3].rows_per_step = 5
+    with pytest.raises(ValueError, match=f"stage {run.stages[3].name}: 5 rows per step do not split over 2"):
+        _train(run, resume=False, procs=2)
+    assert main(["demo", "--procs", "0", "--out", str(tmp_path)]) != 0
+    assert "procs must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before generating anything
