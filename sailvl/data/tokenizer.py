@@ -41,11 +41,12 @@ def token_id(tok: Tokenizer, token: str) -> int:
 # single digits, punctuation runs, newlines, spaces).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# The same split with capital letters as pieces of their own unless they start a lowercase word ("KN" -> K N,
-# "Describe" stays whole): a small BPE trained on data full of letter codes (OCR answers, chart and table labels)
-# would otherwise spend merges on letter pairs, and a model must then learn every pair as an unrelated token.
+# The same split with capital letters as pieces of their own, like digits, unless they start a lowercase word
+# ("row KN" -> row, " ", K, N; "Describe" stays whole): a small BPE trained on data full of letter codes (OCR
+# answers, chart and table labels) would otherwise spend merges on letter pairs and give " K", "K" and '"K'
+# different tokens, and a model must then learn every pair and every variant as an unrelated token.
 CAPITALS_SPLIT = QWEN_SPLIT.replace(r"[^\r\n\p{L}\p{N}]?\p{L}+",
-                                    r"[^\r\n\p{L}\p{N}]?\p{Lu}?[^\P{L}\p{Lu}]+|[^\r\n\p{L}\p{N}]?\p{L}")
+                                    r"[^\r\n\p{L}\p{N}]?\p{Lu}?[^\P{L}\p{Lu}]+|\p{L}")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
