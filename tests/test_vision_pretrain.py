@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from sailvl.config import tiny_config
-from sailvl.data.synth.dense import CHARS, HEADS, IMAGE_CHAR, MIN_PIXELS, DenseStream, Element, _Canvas, _write
+from sailvl.data.synth import render as R
+from sailvl.data.synth.dense import (CHARS, HEADS, IGNORE, IMAGE_TEXT, MIN_PIXELS, READ_KINDS, TEXT_SLOTS, DenseStream,
+                                     Element, _Canvas, _write, transcript_label)
 from sailvl.data.synth.scene import Obj, draw_obj
 from sailvl.data.synth.world import BACKGROUND, World
 from sailvl.data.tokenizer import train_bpe
@@ -57,7 +59,7 @@ def test_stream_is_a_pure_function_of_seed_and_step():
     x2, y2 = DenseStream(World(), seed=3).batch(5, 8)
     x3, _ = s.batch(6, 8)
     assert x1.shape == (8, 3, 64, 64) and all(y1[k].shape == (8, 8, 8) for k in HEADS)
-    assert y1[IMAGE_CHAR].shape == (8,)
+    assert y1[IMAGE_TEXT].shape == (8, TEXT_SLOTS)
     assert torch.equal(x1, x2) and all(torch.equal(y1[k], y2[k]) for k in HEADS)
     assert not torch.equal(x1, x3)
     for k, vocab in HEADS.items():
@@ -70,13 +72,59 @@ def test_every_kind_labels_what_it_draws():
                        ("glyph", "char")]:
         img, lab = DenseStream(World(), kinds={kind: 1}).sample(rng)
         assert (lab[head] > 0).any(), kind
-        # only a one-character image has an image-level label, and it is the character its patches show
-        assert int(lab[IMAGE_CHAR]) == (int(lab["char"].max()) if kind == "glyph" else 0), kind
+        # of the dense kinds only a one-character image has a transcript: the character its patches show, then "end"
+        want = [int(lab["char"].max())] + [0] * (TEXT_SLOTS - 1) if kind == "glyph" else [IGNORE] * TEXT_SLOTS
+        assert lab[IMAGE_TEXT].tolist() == want, kind
         # every labelled patch has ink (table lines / chart axes are drawn but never labelled)
         assert ((lab["colour"] > 0) <= (ink_per_patch(img, 8) >= MIN_PIXELS)).all(), kind
     with pytest.raises(ValueError, match="unknown dense image kinds"):
         DenseStream(World(), kinds={"photos": 1})
     assert len(CHARS) == len(HEADS["char"]) - 1
+
+
+def decode(label) -> str:
+    return "".join(HEADS["char"][i] for i in label if i > 0)
+
+
+def test_read_kinds_are_the_world_s_own_images_with_their_transcripts():
+    w = World(ocr_max_chars=2, table_max_value=9)
+    draw = {"read_ocr": R.make_text_image, "read_equation": R.make_equation_image, "read_chart": R.make_chart,
+            "read_table": R.make_table}
+    for kind in READ_KINDS:
+        for seed in range(5):
+            # the stream draws the kind, then the image with the same generator: replay it
+            rng = random.Random(seed)
+            img, lab = DenseStream(w, kinds={kind: 1}).sample(rng)
+            rng = random.Random(seed)
+            rng.choices([kind], [1])
+            spec, ref = draw[kind](rng, w)
+            assert np.array_equal(np.asarray(img), np.asarray(ref)), kind
+            text = {"read_ocr": spec.get("text"), "read_equation": spec.get("text"),
+                    "read_chart": "".join(f"{a}{b}" for a, b in zip(spec.get("labels", []), spec.get("values", []))),
+                    "read_table": "".join(spec.get("cols", [])) + "".join(
+                        r + "".join(map(str, row)) for r, row in zip(spec.get("rows", []), spec.get("cells", [])))}[kind]
+            assert decode(lab[IMAGE_TEXT]) == text[:TEXT_SLOTS], kind
+            assert all((lab[h] == IGNORE).all() for h in HEADS), kind  # no per-patch labels
+    assert transcript_label("AB").tolist() == [HEADS["char"].index("A"), HEADS["char"].index("B")] + [0] * 6
+    assert decode(transcript_label("ABCDEFGHIJ")) == "ABCDEFGH"
+    with pytest.raises(ValueError, match="outside the char head's vocabulary"):
+        transcript_label("ab")
+
+
+def test_dense_loss_ignores_unlabelled_entries_and_never_divides_by_zero():
+    torch.manual_seed(0)
+    _, labels = DenseStream(World(), kinds={"read_table": 1, "scene": 1}).batch(0, 6)
+    logits = {**{k: torch.randn(6, 8, 8, len(v)) for k, v in HEADS.items()},
+              IMAGE_TEXT: torch.randn(6, TEXT_SLOTS, len(HEADS["char"]))}
+    loss, _ = dense_loss(logits, labels)
+    # the reference: per head, the mean cross-entropy over exactly the labelled entries
+    ref = sum(torch.nn.functional.cross_entropy(logits[k].reshape(-1, logits[k].shape[-1])[labels[k].reshape(-1) != IGNORE],
+                                                labels[k].reshape(-1)[labels[k].reshape(-1) != IGNORE])
+              for k in logits)
+    torch.testing.assert_close(loss, ref)
+    only_read = DenseStream(World(), kinds={"read_ocr": 1}).batch(0, 4)[1]
+    loss, acc = dense_loss({k: v[:4] for k, v in logits.items()}, only_read)
+    assert torch.isfinite(loss) and np.isnan(acc["char"]) and 0 <= acc[IMAGE_TEXT] <= 1
 
 
 def test_dense_loss_is_zero_for_perfect_logits():

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..checkpoint.state import latest_checkpoint
-from ..data.synth.dense import HEADS, IMAGE_CHAR, DenseStream
+from ..data.synth.dense import HEADS, IGNORE, IMAGE_TEXT, TEXT_SLOTS, DenseStream
 from ..data.synth.world import World
 from ..distributed.checkpoint import load_train_state, save_train_state
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
@@ -37,16 +37,18 @@ if TYPE_CHECKING:
 
 
 class DenseHeads(nn.Module):
-    """One linear classifier per label head over the ViT's patch features."""
+    """One linear classifier per label head over the ViT's patch features, and a small MLP reading the image's
+    transcript (TEXT_SLOTS characters) from the mean of all patch features."""
 
     def __init__(self, width: int):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.Linear(width, len(vocab)) for name, vocab in HEADS.items()})
-        self.image_char = nn.Linear(width, len(HEADS["char"]))  # over the mean of all patches
+        self.image_text = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                        nn.Linear(4 * width, TEXT_SLOTS * len(HEADS["char"])))
 
     def forward(self, feats_NPD: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**{name: head(feats_NPD) for name, head in self.heads.items()},
-                IMAGE_CHAR: self.image_char(feats_NPD.mean(1))}
+        text = self.image_text(feats_NPD.mean(1)).view(len(feats_NPD), TEXT_SLOTS, len(HEADS["char"]))
+        return {**{name: head(feats_NPD) for name, head in self.heads.items()}, IMAGE_TEXT: text}
 
 
 class EmbedHeads(nn.Module):
@@ -88,26 +90,25 @@ class _Pair(nn.Module):
         self.model, self.heads = model, heads
 
 
+def label_counts(labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Labelled entries (not IGNORE) per head: what each head's summed cross-entropy is divided by."""
+    return {name: float((y != IGNORE).sum()) for name, y in labels.items()}
+
+
 def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-               n_char_images: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Sum over heads of the mean per-patch cross-entropy; also each head's accuracy on labelled patches
-    (patches something covers), the number that says whether the tower sees. The image-level term is
-    averaged over the images that have its label (or divided by `n_char_images`: several ranks, each
-    holding a share of the step's images, pass the step's count / ranks)."""
+               counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict]:
+    """Sum over heads of the mean cross-entropy over labelled entries (patches; transcript slots, "end"
+    included); also each head's accuracy where something is there (patches something covers, transcript
+    characters), the number that says whether the tower sees. `counts`: the denominators (default: this
+    batch's label_counts; several ranks, each holding a share of the step's images, pass the step's counts /
+    ranks, so the summed gradients are the one-process gradient)."""
+    counts = label_counts(labels) if counts is None else counts
     loss, acc = 0.0, {}
     for name, lg in logits.items():
-        if name == IMAGE_CHAR:  # image-level: only images with one character (label 0 = no label)
-            y = labels[name]
-            has = y > 0
-            total = float(has.sum()) if n_char_images is None else n_char_images
-            if total > 0:
-                loss = loss + F.cross_entropy(lg.float(), y, ignore_index=0, reduction="sum") / total
-            if bool(has.any()):
-                acc[name] = float((lg[has].argmax(-1) == y[has]).float().mean())
-            continue
         y = labels[name].reshape(-1)
         lg = lg.reshape(-1, lg.shape[-1]).float()
-        loss = loss + F.cross_entropy(lg, y)
+        if counts[name] > 0:
+            loss = loss + F.cross_entropy(lg, y, ignore_index=IGNORE, reduction="sum") / counts[name]
         fg = y > 0
         acc[name] = float((lg[fg].argmax(-1) == y[fg]).float().mean()) if bool(fg.any()) else float("nan")
     return loss, acc
@@ -180,15 +181,17 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
         # and every rank trains on its slice, so the step is the one a single process with n x ranks takes
         pixels, labels = stream.batch(step, n, offset=rank * n)
         pixels, labels = pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in labels.items()}
-        n_char = None
+        counts = None
         if world > 1:
-            n_char = float(D.all_reduce_sum((labels[IMAGE_CHAR] > 0).sum().double().cpu())) / world
+            local = label_counts(labels)
+            red = D.all_reduce_sum(torch.tensor(list(local.values()), dtype=torch.float64)) / world
+            counts = dict(zip(local, red.tolist()))
         with autocast:
             if target == "vit":
                 feats = model.vision_model(pixels, select_layer=sel)
             else:  # the LLM tokens the adapter makes, [N, T, E]
                 feats = model.encode_images(pixels).view(len(pixels), -1, model.config.llm_config.hidden_size)
-            loss, acc = dense_loss(heads(feats), labels, n_char)
+            loss, acc = dense_loss(heads(feats), labels, counts)
         finite = bool(torch.isfinite(loss))
         if world > 1:  # one decision for all ranks (they must issue the same collectives)
             finite = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
@@ -223,7 +226,8 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
                **{f"acc_{k}": v for k, v in acc.items()}}
         trainer._log(rec)
         progress.update(step, loss=rec["loss"], lr=rec["lr"], acc_char=round(acc["char"], 3),
-                        acc_shape=round(acc["shape"], 3), img_s=int(rec["images_per_s"]))
+                        acc_shape=round(acc["shape"], 3), acc_text=round(acc.get(IMAGE_TEXT, float("nan")), 3),
+                        img_s=int(rec["images_per_s"]))
         if step % run.checkpoint_every == 0 or step == stage.steps:
             save_train_state(ckpt_root, step, pair, optimizer, {"step": step, "bad_steps": bad},
                              keep=run.keep_checkpoints)
