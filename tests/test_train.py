@@ -140,3 +140,18 @@ def test_kill_9_then_resume_continues_the_exact_loss_curve(world, tmp_path):
         s.steps += 4
     Trainer(uninterrupted, quiet=True).fit()
     assert got == losses(tmp_path / "full" / "t")  # bit-identical floats, same steps, no duplicates
+
+
+def test_tiny_data_is_reused_only_when_prepared_the_same_way(tmp_path, capsys):
+    from sailvl.recipes.tiny import prepare_tiny, tiny
+
+    run = tiny(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path))
+    prepare_tiny(run, n_train=80, n_eval=19, seed=0)
+    train = tmp_path / "data" / "train.jsonl"
+    first, stamp = train.read_text(), train.stat().st_mtime_ns
+    prepare_tiny(run, n_train=80, n_eval=19, seed=0)
+    assert train.stat().st_mtime_ns == stamp  # same request: reused, not regenerated
+    prepare_tiny(run, n_train=80, n_eval=19, seed=1)
+    assert "prepared differently" in capsys.readouterr().out
+    assert train.read_text() != first  # another seed: regenerated
+    assert json.loads((tmp_path / "data" / "READY").read_text())["seed"] == 1
