@@ -105,7 +105,7 @@ class RunConfig:
     # per rank are balanced (SAIL-VL2's visual packing); False: each rank packs its own shard of the data
     visual_packing: bool = True
     # several ranks: "fsdp" shards every block over the ranks (FSDP2); "ddp" keeps the whole model on every rank
-    # and all-reduces the gradients once per step (faster for small models, e.g. the tiny recipe on 2 CPU cores)
+    # and all-reduces the gradients once per step (faster than fsdp for small models: benchmarks/bench_parallel.py)
     parallel: str = "fsdp"
     device: str = "auto"
 

@@ -101,7 +101,8 @@ class DenseStream:
         return img, labels
 
     def batch(self, step: int, n: int, offset: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Images offset .. offset + n - 1 of step `step`: pixels [n, 3, S, S] and labels {head: [n, G, G]}.
+        """Images offset .. offset + n - 1 of step `step`: pixels [n, 3, S, S], labels {head: [n, G, G]} and
+        {IMAGE_TEXT: [n, TEXT_SLOTS]}.
         Each image is a pure function of (seed, step, index), so ranks can draw disjoint slices of a step."""
         images, labels = [], {h: [] for h in (*HEADS, IMAGE_TEXT)}
         for i in range(offset, offset + n):
