@@ -42,7 +42,10 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     run_cfg.seed = seed
     timings = {}
     t0 = time.perf_counter()
-    prepare_tiny(run_cfg, n_train=600 if quick else 60_000, n_eval=76 if quick else 950, seed=seed)
+    if quick:
+        prepare_tiny(run_cfg, n_train=600, n_eval=76, seed=seed)
+    else:  # the defaults, as `sailvl train tiny` prepares it: either command reuses what the other made
+        prepare_tiny(run_cfg, seed=seed)
     timings["data + tokenizer"] = time.perf_counter() - t0
     print(f"[demo] synthetic world and tokenizer ready in {timings['data + tokenizer']:.1f}s ({data_dir})")
 

@@ -112,7 +112,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
                      stages=stages, checkpoint_every=200, log_every=20, precision="bf16")
 
 
-def prepare_tiny(run: RunConfig, n_train: int = 60_000, n_eval: int = 900, seed: int = 0) -> None:
+def prepare_tiny(run: RunConfig, n_train: int = 60_000, n_eval: int = 950, seed: int = 0) -> None:
     """Write the synthetic world, its per-group views and the tokenizer under the run's data dir, once."""
     from ..data.synth import generate_splits
     from ..data.tokenizer import corpus_texts, train_bpe
