@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .recipes.tiny import prepare_tiny, tiny
+from .recipes.tiny import TINY_WORLD, prepare_tiny, tiny
 
 
 def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, seed: int = 0,
@@ -63,10 +63,10 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     print(table(report))
 
     rng = random.Random(seed + 12345)
-    record, images = synth_sample("vqa_color", rng)
+    record, images = synth_sample("vqa_color", rng, world=TINY_WORLD)  # the world (and phrasing) it was trained on
     question = record["conversations"][0]["value"].replace("<image>\n", "")
     answer = pipe.chat(images[0], question, max_new_tokens=16)
-    record_m, images_m = synth_sample("math_cot", rng)
+    record_m, images_m = synth_sample("math_cot", rng, world=TINY_WORLD)
     thought, boxed = pipe.chat(images_m[0], "Solve the problem in the image.", thinking=True, return_thinking=True,
                                max_new_tokens=160)
     print(f"\n[demo] chat, image 1: {question!r}\n       -> {answer!r} (truth: {record['answer']!r})")

@@ -365,3 +365,111 @@ def test_every_rendered_character_exists_in_the_font():
     missing = ink("\u2603")  # a glyph the bundled font lacks: its "notdef" box
     for ch in LETTERS + DIGITS + "=?" + "".join(OP_GLYPH.values()):
         assert ink(ch) != missing, ch  # (the bundled font has no "\u00d7": multiplication is drawn "x")
+
+
+# ---------------------------------------------------------------- drills (training only) and the suffix knob
+
+def _the(scene, ref: str):
+    """The one object a referring phrase ("large red circle", "red object", "square") names."""
+    words = [w for w in ref.split() if w != "object"]
+    found = [o for o in scene if all(w in (o.size, o.colour, o.shape) for w in words)]
+    assert len(found) == 1, (ref, scene)
+    return found[0]
+
+
+def _rel(a, b) -> str:
+    dx, dy = a.x - b.x, a.y - b.y
+    return ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+
+
+def _scene_reply(text: str, scene) -> tuple[str, str | None]:
+    """(kind, answer) of a drill question, the answer recomputed from the scene (None: a box, checked apart)."""
+    rels = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+    if m := re.fullmatch(r"What (colour|shape) is the (.+)\?", text):
+        o = _the(scene, m.group(2))
+        return m.group(1), o.colour if m.group(1) == "colour" else o.shape
+    if text == "How many objects are there?":
+        return "count", str(len(scene))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", text):
+        return "count", str(sum(o.colour == m.group(1) for o in scene))
+    if m := re.fullmatch(r"How many (\w+) are there\?", text):
+        return "count", str(sum(o.shape in (m.group(1)[:-1], m.group(1)[:-2]) for o in scene))
+    if m := re.fullmatch(r"Is the (.+) left of, right of, above or below the (.+)\?", text):
+        return "spatial", _rel(_the(scene, m.group(1)), _the(scene, m.group(2)))
+    if m := re.fullmatch(r"Which is (bigger|smaller), the (.+) or the (.+)\?", text):
+        a, b = _the(scene, m.group(2)), _the(scene, m.group(3))
+        return "compare", m.group(2) if (a.r > b.r) == (m.group(1) == "bigger") else m.group(3)
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", text):
+        return "exists", "yes" if any((o.colour, o.shape) == (m.group(1), m.group(2)) for o in scene) else "no"
+    if m := re.fullmatch(r"Is the (.+) (left of|right of|above|below) the (.+)\?", text):
+        return "is_relation", "yes" if _rel(_the(scene, m.group(1)), _the(scene, m.group(3))) == rels[m.group(2)] else "no"
+    if m := re.fullmatch(r"Is the (.+) (\w+)\?", text):
+        return "is_colour", "yes" if _the(scene, m.group(1)).colour == m.group(2) else "no"
+    assert text.startswith("Where is the "), text
+    return "where", None
+
+
+def test_scene_drill_answers_recompute_from_the_scene():
+    world = World(answer_suffix=False)
+    kinds = set()
+    for record, images in _draws("scene_drill", 60, seed=3, world=world):
+        conv, scene = record["conversations"], _objs(record["meta"]["scene"])
+        assert 8 <= len(conv) <= 12 and len(images) == 1 and record["answer"] == conv[-1]["value"]
+        assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+        questions = [q["value"].replace("<image>\n", "") for q in conv[0::2]]
+        assert len(set(questions)) == len(questions) == len(record["meta"]["questions"])
+        for text, a in zip(questions, conv[1::2]):
+            kind, expect = _scene_reply(text, scene)
+            kinds.add(kind)
+            if expect is None:  # grounding: the box holds the object's centre (0-1000 coordinates)
+                o = _the(scene, re.match(r"Where is the (.+)\? Answer", text).group(1))
+                x1, y1, x2, y2 = json.loads(a["value"])
+                assert x1 <= o.x * 1000 / 64 <= x2 and y1 <= o.y * 1000 / 64 <= y2
+            else:
+                assert a["value"] == expect, (text, a["value"], expect)
+    assert len(kinds) == 9  # every kind of question shows up
+
+
+def test_text_drill_answers_recompute_from_the_spec():
+    world = World(answer_suffix=False, ocr_max_chars=2, table_max_value=9)
+    seen = set()
+    for record, images in _draws("text_drill", 60, seed=5, world=world):
+        m, conv = record["meta"], record["conversations"]
+        seen.add(m["image_kind"])
+        qa = [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[0::2], conv[1::2])]
+        if m["image_kind"] == "chart":
+            vals = dict(zip(m["labels"], m["values"]))
+            asked = {re.fullmatch(r"What is the value of (\w)\?", q).group(1): a for q, a in qa if "value of" in q}
+            assert asked == {k: str(v) for k, v in vals.items()} and len(qa) == len(vals) + 2
+            for q, a in qa:
+                if d := re.fullmatch(r"How much larger is (\w) than (\w)\?", q):
+                    assert a == str(vals[d.group(1)] - vals[d.group(2)]) and int(a) > 0
+                elif "highest" in q or "lowest" in q:
+                    assert a == (max if "highest" in q else min)(vals, key=vals.get)
+        elif m["image_kind"] == "table":
+            assert len(qa) == len(m["rows"]) * len(m["cols"])
+            for q, a in qa:
+                r, c = re.fullmatch(r"What is the value in row (\w), column (\w)\?", q).groups()
+                assert a == str(m["cells"][m["rows"].index(r)][m["cols"].index(c)])
+        elif m["image_kind"] == "equation":
+            assert dict(qa) == {"What is the answer to the problem in the image?": str(m["result"]),
+                                "What is written in the image?": m["text"]}
+        else:
+            assert dict(qa) == {"What is written in the image?": m["text"], "What colour is the text?": m["colour"]}
+    assert seen == {"text", "chart", "table", "equation"}
+
+
+def test_answer_suffix_knob_and_training_only_generators(tmp_path):
+    from sailvl.data.synth.registry import TRAIN_ONLY, check_tasks
+
+    for task in ("vqa_color", "ocr", "chart", "scene_drill"):
+        (plain, _), = _draws(task, 1, world=World(answer_suffix=False))
+        (suffixed, _), = _draws(task, 1)
+        assert plain["conversations"][0]["value"].endswith("?")
+        assert suffixed["conversations"][0]["value"].endswith(SHORT_ANSWER_SUFFIX)
+        assert plain["conversations"][0]["value"] + SHORT_ANSWER_SUFFIX == suffixed["conversations"][0]["value"]
+    # drills are not evaluated tasks: not in the default task list, but accepted by name for training splits
+    assert set(TRAIN_ONLY) == {"scene_drill", "text_drill"} and not set(TRAIN_ONLY) & set(check_tasks(None))
+    out = generate_splits(tmp_path, 12, 4, 4, seed=0, tasks=["vqa_color"],
+                          extra_train={"drills": (6, ["scene_drill", "text_drill"], World())})
+    assert out["drills"]["n"] == 6 and {r["task"] for r in _read(tmp_path, "drills")} == {"scene_drill", "text_drill"}

@@ -1,6 +1,8 @@
 """The task registry and `sample`, which draws one record in memory.
 
-TASKS maps each task name to its generator `gen(rng: random.Random, world: World) -> (record, images)`.
+TASKS maps each task name to its generator `gen(rng: random.Random, world: World) -> (record, images)`;
+TRAIN_ONLY holds the generators that are not tasks of their own (several tasks' questions about one image),
+used by name for training splits; GENERATORS is both.
 `sample` accepts a `random.Random`, a `numpy.random.Generator` or an int seed: all randomness flows
 from that one object, so equal states give equal samples.
 """
@@ -47,6 +49,12 @@ TASKS: dict[str, Generator] = {
     # language only
     "text_instruct": T.text_instruct,
 }
+# Training-only generators (not evaluated: their records are several single-task questions about one image)
+TRAIN_ONLY: dict[str, Generator] = {
+    "scene_drill": S.scene_drill,
+    "text_drill": T.text_drill,
+}
+GENERATORS: dict[str, Generator] = {**TASKS, **TRAIN_ONLY}
 
 
 def as_rng(rng: random.Random | np.random.Generator | int) -> random.Random:
@@ -61,7 +69,8 @@ def as_rng(rng: random.Random | np.random.Generator | int) -> random.Random:
 
 
 def check_tasks(tasks: list[str] | tuple[str, ...] | None) -> list[str]:
-    """The task list (default: all tasks, in registry order); ValueError naming unknown ones."""
+    """The task list (default: all evaluated tasks, in registry order; training-only ones when named);
+    ValueError naming unknown ones."""
     if tasks is None:
         return list(TASKS)
     if isinstance(tasks, str):
@@ -69,9 +78,9 @@ def check_tasks(tasks: list[str] | tuple[str, ...] | None) -> list[str]:
     tasks = list(tasks)
     if not tasks:
         raise ValueError("tasks must not be empty")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in GENERATORS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(GENERATORS)}")
     return tasks
 
 
@@ -79,6 +88,6 @@ def sample(task: str, rng: random.Random | np.random.Generator | int, image_size
            world: World | None = None) -> tuple[dict, list[Image.Image]]:
     """One `task` sample in memory: (record, images). The record is the JSONL object without id and
     paths (see record.py); images are PIL RGB images (video frames for video tasks, [] for text)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    return TASKS[task](as_rng(rng), resolve_world(world, image_size))
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(GENERATORS)}")
+    return GENERATORS[task](as_rng(rng), resolve_world(world, image_size))

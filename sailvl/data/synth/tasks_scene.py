@@ -24,7 +24,7 @@ from .scene import (
     render,
     unused_kind,
 )
-from .world import SHORT_ANSWER_SUFFIX, World
+from .world import World
 
 CAPTION_PROMPTS = ("Describe the image in detail.", "Describe every object in the image.",
                    "What objects are in the image? Describe each one.")
@@ -60,7 +60,7 @@ def vqa_color(rng: random.Random, world: World):
         ref = refer(scene, i, avoid=("colour",))
         if ref:
             break
-    q = f"What colour is the {ref}?" + SHORT_ANSWER_SUFFIX
+    q = f"What colour is the {ref}?" + world.suffix
     return make_record("vqa_color", q, scene[i].colour, _meta(scene, target=i), n_images=1), [render(scene, world)]
 
 
@@ -71,7 +71,7 @@ def vqa_shape(rng: random.Random, world: World):
         ref = refer(scene, i, avoid=("shape",))
         if ref:
             break
-    q = f"What shape is the {ref}?" + SHORT_ANSWER_SUFFIX
+    q = f"What shape is the {ref}?" + world.suffix
     return make_record("vqa_shape", q, scene[i].shape, _meta(scene, target=i), n_images=1), [render(scene, world)]
 
 
@@ -104,7 +104,7 @@ def vqa_count(rng: random.Random, world: World):
         scene = random_scene(rng, world, n, kinds)
         flt = {kind: value}
     count = sum(all(getattr(o, a) == v for a, v in flt.items()) for o in scene)
-    return make_record("vqa_count", q + SHORT_ANSWER_SUFFIX, str(count), _meta(scene, count_filter=flt),
+    return make_record("vqa_count", q + world.suffix, str(count), _meta(scene, count_filter=flt),
                        n_images=1), [render(scene, world)]
 
 
@@ -127,31 +127,38 @@ def _pair_with_relation(rng: random.Random, world: World):
 
 def vqa_spatial(rng: random.Random, world: World):
     scene, i, j, rel, ri, rj = _pair_with_relation(rng, world)
-    q = f"Is the {ri} left of, right of, above or below the {rj}?" + SHORT_ANSWER_SUFFIX
+    q = f"Is the {ri} left of, right of, above or below the {rj}?" + world.suffix
     return make_record("vqa_spatial", q, rel, _meta(scene, a=i, b=j), n_images=1), [render(scene, world)]
 
 
+def _compare(rng: random.Random, scene: list[Obj]):
+    """A bigger / smaller question about two objects of different size classes, or None: the larger one must
+    also have clearly more painted area (>= 1.3x), so the answer never depends on shape."""
+    i, j = rng.sample(range(len(scene)), 2)
+    a, b = scene[i], scene[j]
+    if a.size == b.size:
+        return None
+    big, small = (a, b) if a.size == "large" else (b, a)
+    if big.area() < 1.3 * small.area():
+        return None
+    ri, rj = refer(scene, i, avoid=("size",)), refer(scene, j, avoid=("size",))
+    if not (ri and rj):
+        return None
+    word = rng.choice(("bigger", "smaller"))
+    winner = i if (scene[i].size == "large") == (word == "bigger") else j
+    return i, j, word, winner, f"Which is {word}, the {ri} or the {rj}?", ri if winner == i else rj
+
+
 def vqa_compare(rng: random.Random, world: World):
-    """Which of two objects of different size classes is bigger / smaller; the larger one must also
-    have clearly more painted area (>= 1.3x), so the answer never depends on shape."""
+    """Which of two objects of different size classes is bigger / smaller (see `_compare`)."""
     _need_two(world, "vqa_compare")
     for _ in _attempts("vqa_compare"):
         scene = _scene(rng, world, lo=2)
-        i, j = rng.sample(range(len(scene)), 2)
-        a, b = scene[i], scene[j]
-        if a.size == b.size:
-            continue
-        big, small = (a, b) if a.size == "large" else (b, a)
-        if big.area() < 1.3 * small.area():
-            continue
-        ri, rj = refer(scene, i, avoid=("size",)), refer(scene, j, avoid=("size",))
-        if ri and rj:
+        asked = _compare(rng, scene)
+        if asked:
             break
-    word = rng.choice(("bigger", "smaller"))
-    winner = i if (scene[i].size == "large") == (word == "bigger") else j
-    answer = ri if winner == i else rj
-    q = f"Which is {word}, the {ri} or the {rj}?" + SHORT_ANSWER_SUFFIX
-    return make_record("vqa_compare", q, answer, _meta(scene, a=i, b=j, word=word, winner=winner),
+    i, j, word, winner, q, answer = asked
+    return make_record("vqa_compare", q + world.suffix, answer, _meta(scene, a=i, b=j, word=word, winner=winner),
                        n_images=1), [render(scene, world)]
 
 
@@ -188,7 +195,7 @@ def vqa_yesno(rng: random.Random, world: World):
         q = f"Is there a {colour} {shape}?"
         meta = _meta(scene, kind=kind, colour=colour, shape=shape)
     answer = "yes" if want else "no"
-    return make_record("vqa_yesno", q + SHORT_ANSWER_SUFFIX, answer, meta, n_images=1), [render(scene, world)]
+    return make_record("vqa_yesno", q + world.suffix, answer, meta, n_images=1), [render(scene, world)]
 
 
 def grounding(rng: random.Random, world: World):
@@ -235,7 +242,7 @@ def multi_change(rng: random.Random, world: World):
         break
     meta = {"before": [o.to_dict() for o in before], "after": [o.to_dict() for o in after],
             "change": kind, "object": obj.to_dict()}
-    q = "What changed between the two scenes?" + SHORT_ANSWER_SUFFIX
+    q = "What changed between the two scenes?" + world.suffix
     return make_record("multi_change", q, answer, meta, n_images=2), [render(before, world), render(after, world)]
 
 
@@ -279,7 +286,7 @@ def video_motion(rng: random.Random, world: World):
         break
     frames = [statics + [p] for p in path]
     ref = refer(frames[0], len(statics))
-    q = f"Which direction is the {ref} moving?" + SHORT_ANSWER_SUFFIX
+    q = f"Which direction is the {ref} moving?" + world.suffix
     meta = {"frames": [[o.to_dict() for o in fr] for fr in frames], "moving": path[0].name, "step": step}
     return make_record("video_motion", q, direction, meta, video=True), [render(fr, world) for fr in frames]
 
@@ -296,7 +303,7 @@ def video_count(rng: random.Random, world: World):
             mask[rng.randrange(f)] = True
         visible.append(mask)
     frames = [[o for o, m in zip(scene, visible) if m[t]] for t in range(f)]
-    q = "How many different objects appear in the video?" + SHORT_ANSWER_SUFFIX
+    q = "How many different objects appear in the video?" + world.suffix
     meta = {"frames": [[o.to_dict() for o in fr] for fr in frames], "objects": [o.to_dict() for o in scene]}
     return make_record("video_count", q, str(len(scene)), meta, video=True), [render(fr, world) for fr in frames]
 
@@ -368,8 +375,81 @@ def scene_qa(rng: random.Random, world: World):
     turns = turns[: rng.randint(2, len(turns))]
     conv = []
     for k, (q, a) in enumerate(turns):
-        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q + SHORT_ANSWER_SUFFIX},
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q + world.suffix},
                  {"from": "gpt", "value": a}]
     record = make_record("scene_qa", "", turns[-1][1], _meta(scene, questions=[q for q, _ in turns]), n_images=1)
     record["conversations"] = conv
+    return record, [render(scene, world)]
+
+
+# ---------------------------------------------------------------- drills: many questions about one image (training)
+
+def _ask_compare(rng, world, scene):
+    asked = _compare(rng, scene) if len(scene) >= 2 else None
+    return asked[-2:] if asked else None
+
+
+def _ask_is_colour(rng, world, scene):
+    i = rng.randrange(len(scene))
+    ref = refer(scene, i, avoid=("colour",))
+    if not ref:
+        return None
+    asked = scene[i].colour if rng.random() < 0.5 else rng.choice([c for c in world.colours if c != scene[i].colour])
+    return f"Is the {ref} {asked}?", "yes" if asked == scene[i].colour else "no"
+
+
+def _ask_is_relation(rng, world, scene):
+    if len(scene) < 2:
+        return None
+    i, j = rng.sample(range(len(scene)), 2)
+    rel = relation(scene[i], scene[j], world.image_size)
+    ri, rj = refer(scene, i), refer(scene, j)
+    if not (rel and ri and rj):
+        return None
+    asked = rel if rng.random() < 0.5 else rng.choice([r for r in REL_PHRASE if r != rel])
+    return f"Is the {ri} {REL_PHRASE[asked]} the {rj}?", "yes" if asked == rel else "no"
+
+
+def _ask_where(rng, world, scene):
+    i = rng.randrange(len(scene))
+    ref = refer(scene, i)
+    if not ref:
+        return None
+    return (f"Where is the {ref}? Answer with its bounding box [x1, y1, x2, y2] in 0-1000 coordinates.",
+            format_box(grounding_box(scene[i], world.image_size)))
+
+
+# (asker, weight, gets the short-answer suffix): every single-image scene task's question, in its phrasing
+DRILL_ASKERS = ((_ask_colour, 2, True), (_ask_shape, 2, True), (_ask_count, 2, True), (_ask_spatial, 2, True),
+                (_ask_compare, 1, True), (_ask_exists, 1, True), (_ask_is_colour, 1, True),
+                (_ask_is_relation, 1, True), (_ask_where, 1, False))
+
+
+def conversation(turns: list[tuple[str, str, bool]], world: World, head: str = "<image>\n") -> list[dict]:
+    """(question, answer, suffixed) turns -> conversations; the placeholder(s) open the first question."""
+    conv = []
+    for k, (q, a, suffixed) in enumerate(turns):
+        conv += [{"from": "human", "value": (head if k == 0 else "") + q + (world.suffix if suffixed else "")},
+                 {"from": "gpt", "value": a}]
+    return conv
+
+
+def scene_drill(rng: random.Random, world: World, turns: tuple[int, int] = (4, 6)):
+    """Training only: 4-6 questions of every single-image scene task (colour, shape, count, spatial, compare,
+    yes/no, grounding) about one scene, as one conversation. One image and one chat template serve several
+    answers, so a step teaches several times more answers per token and per image than single questions."""
+    scene = _scene(rng, world)
+    want = rng.randint(*turns)
+    asked: list[tuple[str, str, bool]] = []
+    askers, weights = [a for a, _, _ in DRILL_ASKERS], [w for _, w, _ in DRILL_ASKERS]
+    for _ in range(8 * want):
+        k = rng.choices(range(len(askers)), weights)[0]
+        qa = askers[k](rng, world, scene)
+        if qa is not None and all(qa[0] != q for q, _, _ in asked):
+            asked.append((qa[0], qa[1], DRILL_ASKERS[k][2]))
+        if len(asked) == want:
+            break
+    record = make_record("scene_drill", "", asked[-1][1], _meta(scene, questions=[q for q, _, _ in asked]),
+                         n_images=1)
+    record["conversations"] = conversation(asked, world)
     return record, [render(scene, world)]

@@ -13,46 +13,57 @@ import random
 from . import render as R
 from .record import make_record
 from .scene import caption, random_scene, render
-from .world import SHORT_ANSWER_SUFFIX, THINK_SUFFIX, World
+from .world import THINK_SUFFIX, World
 
+OCR_QUESTION = "What is written in the image?"
+MATH_QUESTION = "What is the answer to the problem in the image?"
 PRETRAIN_PROMPTS = ("Describe the image briefly.", "Write a short caption for the image.",
                     "What does the image show?")
 
 
 def ocr(rng: random.Random, world: World):
     spec, img = R.make_text_image(rng, world)
-    q = "What is written in the image?" + SHORT_ANSWER_SUFFIX
+    q = OCR_QUESTION + world.suffix
     return make_record("ocr", q, spec["text"], spec, n_images=1), [img]
+
+
+def _chart_question(rng: random.Random, spec: dict, question: str | None = None, i: int | None = None):
+    """(question kind, text, answer, args) for value lookup (of item i, default random), argmax, argmin or
+    difference."""
+    labels, values = spec["labels"], spec["values"]
+    question = question or rng.choice(("value", "max", "min", "diff"))
+    if question == "value":
+        i = rng.randrange(len(labels)) if i is None else i
+        return question, f"What is the value of {labels[i]}?", str(values[i]), [labels[i]]
+    if question == "max":
+        return question, "Which label has the highest value?", labels[values.index(max(values))], []
+    if question == "min":
+        return question, "Which label has the lowest value?", labels[values.index(min(values))], []
+    i, j = rng.sample(range(len(labels)), 2)
+    if values[i] < values[j]:
+        i, j = j, i
+    return question, f"How much larger is {labels[i]} than {labels[j]}?", str(values[i] - values[j]), \
+        [labels[i], labels[j]]
 
 
 def chart(rng: random.Random, world: World):
     """Value lookup, argmax, argmin or difference on a bar or line chart."""
     spec, img = R.make_chart(rng, world)
-    labels, values = spec["labels"], spec["values"]
-    question = rng.choice(("value", "max", "min", "diff"))
-    if question == "value":
-        i = rng.randrange(len(labels))
-        q, answer, args = f"What is the value of {labels[i]}?", str(values[i]), [labels[i]]
-    elif question == "max":
-        q, answer, args = "Which label has the highest value?", labels[values.index(max(values))], []
-    elif question == "min":
-        q, answer, args = "Which label has the lowest value?", labels[values.index(min(values))], []
-    else:
-        i, j = rng.sample(range(len(labels)), 2)
-        if values[i] < values[j]:
-            i, j = j, i
-        q, answer, args = f"How much larger is {labels[i]} than {labels[j]}?", str(values[i] - values[j]), \
-            [labels[i], labels[j]]
+    question, q, answer, args = _chart_question(rng, spec)
     meta = {**spec, "question": question, "args": args}
-    return make_record("chart", q + SHORT_ANSWER_SUFFIX, answer, meta, n_images=1), [img]
+    return make_record("chart", q + world.suffix, answer, meta, n_images=1), [img]
+
+
+def _table_question(spec: dict, j: int, i: int) -> tuple[str, str]:
+    return f"What is the value in row {spec['rows'][j]}, column {spec['cols'][i]}?", str(spec["cells"][j][i])
 
 
 def table(rng: random.Random, world: World):
     spec, img = R.make_table(rng, world)
     j, i = rng.randrange(len(spec["rows"])), rng.randrange(len(spec["cols"]))
-    row, col = spec["rows"][j], spec["cols"][i]
-    q = f"What is the value in row {row}, column {col}?" + SHORT_ANSWER_SUFFIX
-    return make_record("table", q, str(spec["cells"][j][i]), {**spec, "row": row, "col": col}, n_images=1), [img]
+    q, answer = _table_question(spec, j, i)
+    return make_record("table", q + world.suffix, answer, {**spec, "row": spec["rows"][j], "col": spec["cols"][i]},
+                       n_images=1), [img]
 
 
 def _sequence(values: list[int]) -> str:
@@ -103,7 +114,7 @@ def math_cot(rng: random.Random, world: World):
 
 def math_direct(rng: random.Random, world: World):
     spec, img = R.make_equation_image(rng, world)
-    q = "What is the answer to the problem in the image?" + SHORT_ANSWER_SUFFIX
+    q = MATH_QUESTION + world.suffix
     return make_record("math_direct", q, str(spec["result"]), spec, n_images=1), [img]
 
 
@@ -129,6 +140,32 @@ def caption_pretrain(rng: random.Random, world: World):
         text = R.describe_table(spec)
     return make_record("caption_pretrain", rng.choice(PRETRAIN_PROMPTS), text, {**spec, "image_kind": kind},
                        n_images=1), [img]
+
+
+def text_drill(rng: random.Random, world: World):
+    """Training only: several questions about one rendered-text image (the OCR, chart, table and arithmetic
+    tasks' phrasings, plus the text's colour and the equation's transcript), as one conversation: every
+    value of a chart and its max / min / a difference, every cell of a table."""
+    from .tasks_scene import conversation
+
+    kind = rng.choice(("text", "chart", "table", "equation"))
+    if kind == "text":
+        spec, img = R.make_text_image(rng, world)
+        turns = [(OCR_QUESTION, spec["text"]), ("What colour is the text?", spec["colour"])]
+    elif kind == "chart":
+        spec, img = R.make_chart(rng, world)
+        turns = [_chart_question(rng, spec, "value", i)[1:3] for i in range(len(spec["labels"]))]
+        turns += [_chart_question(rng, spec, rng.choice(("max", "min")))[1:3], _chart_question(rng, spec, "diff")[1:3]]
+    elif kind == "table":
+        spec, img = R.make_table(rng, world)
+        turns = [_table_question(spec, j, i) for j in range(len(spec["rows"])) for i in range(len(spec["cols"]))]
+    else:
+        spec, img = R.make_equation_image(rng, world)
+        turns = [(MATH_QUESTION, str(spec["result"])), (OCR_QUESTION, spec["text"])]
+    rng.shuffle(turns)
+    record = make_record("text_drill", "", turns[-1][1], {**spec, "image_kind": kind}, n_images=1)
+    record["conversations"] = conversation([(q, a, True) for q, a in turns], world)
+    return record, [img]
 
 
 # ---------------------------------------------------------------- text-only instructions

@@ -67,6 +67,9 @@ class World:
     table_shape: tuple[int, int] = (2, 2)      # data rows, data columns
     table_max_value: int = 99
     video_frames: int = 4
+    # the SAIL-VL2 short-answer instruction after every short-answer question; off, questions end at "?"
+    # (the tiny demo: 11 fewer tokens in a ~45-token sample, the same tasks)
+    answer_suffix: bool = True
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -103,6 +106,11 @@ class World:
         lo2, hi2 = self.large_radius
         if not (1 <= lo <= hi < lo2 <= hi2):
             raise ValueError("radii must satisfy 1 <= small_lo <= small_hi < large_lo <= large_hi")
+
+    @property
+    def suffix(self) -> str:
+        """What follows a short-answer question in this world."""
+        return SHORT_ANSWER_SUFFIX if self.answer_suffix else ""
 
     @property
     def scale(self) -> float:
