@@ -333,13 +333,19 @@ def _ask_count(rng, world, scene):
     return f"How many {colour} objects are there?", str(sum(o.colour == colour for o in scene))
 
 
-def _ask_spatial(rng, world, scene):
+def _pair(rng, world, scene):
+    """Two objects with a clear relation and unique phrases: (relation, phrase of one, of the other), or None."""
     if len(scene) < 2:
         return None
     i, j = rng.sample(range(len(scene)), 2)
     rel = relation(scene[i], scene[j], world.image_size)
     ri, rj = refer(scene, i), refer(scene, j)
-    return (f"Is the {ri} left of, right of, above or below the {rj}?", rel) if rel and ri and rj else None
+    return (rel, ri, rj) if rel and ri and rj else None
+
+
+def _ask_spatial(rng, world, scene):
+    pair = _pair(rng, world, scene)
+    return (f"Is the {pair[1]} left of, right of, above or below the {pair[2]}?", pair[0]) if pair else None
 
 
 def _ask_exists(rng, world, scene):
@@ -373,12 +379,8 @@ def scene_qa(rng: random.Random, world: World):
         if len(turns) >= 2:
             break
     turns = turns[: rng.randint(2, len(turns))]
-    conv = []
-    for k, (q, a) in enumerate(turns):
-        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q + world.suffix},
-                 {"from": "gpt", "value": a}]
     record = make_record("scene_qa", "", turns[-1][1], _meta(scene, questions=[q for q, _ in turns]), n_images=1)
-    record["conversations"] = conv
+    record["conversations"] = conversation([(q, a, True) for q, a in turns], world)
     return record, [render(scene, world)]
 
 
@@ -399,13 +401,10 @@ def _ask_is_colour(rng, world, scene):
 
 
 def _ask_is_relation(rng, world, scene):
-    if len(scene) < 2:
+    pair = _pair(rng, world, scene)
+    if not pair:
         return None
-    i, j = rng.sample(range(len(scene)), 2)
-    rel = relation(scene[i], scene[j], world.image_size)
-    ri, rj = refer(scene, i), refer(scene, j)
-    if not (rel and ri and rj):
-        return None
+    rel, ri, rj = pair
     asked = rel if rng.random() < 0.5 else rng.choice([r for r in REL_PHRASE if r != rel])
     return f"Is the {ri} {REL_PHRASE[asked]} the {rj}?", "yes" if asked == rel else "no"
 
