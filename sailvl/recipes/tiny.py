@@ -65,7 +65,7 @@ EXTRA = {"basics": (0.25, BASICS_TASKS, BASICS_WORLD),
 def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "tiny", scale: float = 1.0,
          vit_lr_ratio: float = 0.1) -> RunConfig:
     """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy).
-    At scale 1: two SAIL-ViT pretraining stages (500 steps of 64 dense-labelled images, 400 steps of 64 of the
+    At scale 1: two SAIL-ViT pretraining stages (1,000 steps of 64 dense-labelled images, 400 steps of 64 of the
     world's text images with their transcripts), then 1,800 VLM steps of 1,024 tokens (demo: about 12 minutes on a
     2-core CPU).
 
@@ -98,7 +98,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     all_ = ["vit", "adapter", "llm"] if vit_lr_ratio > 0 else ["adapter", "llm"]
     stages = [
         # stands in for SAIL-ViT's pretrained AIMv2 start: the ViT alone on dense per-patch labels (in memory)
-        Stage("vit_dense", steps(500), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
+        Stage("vit_dense", steps(1000), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
               warmup_steps=10, schedule="cosine", vision={"world": TINY_WORLD.to_dict()}),
         # ... then reading: the world's own OCR / equation / chart / table images, each with its transcript
         # predicted from the mean of all patches (measured: OCR 0.02 -> 0.15 in the demo, 0.02 -> 0.19 in a probe)
