@@ -424,11 +424,12 @@ DRILL_ASKERS = ((_ask_colour, 2, True), (_ask_shape, 2, True), (_ask_count, 2, T
                 (_ask_is_relation, 1, True), (_ask_where, 1, False))
 
 
-def conversation(turns: list[tuple[str, str, bool]], world: World, head: str = "<image>\n") -> list[dict]:
-    """(question, answer, suffixed) turns -> conversations; the placeholder(s) open the first question."""
+def conversation(turns: list[tuple[str, str, bool]], world: World) -> list[dict]:
+    """(question, answer, suffixed) turns about one image -> conversations; its placeholder opens the first
+    question."""
     conv = []
     for k, (q, a, suffixed) in enumerate(turns):
-        conv += [{"from": "human", "value": (head if k == 0 else "") + q + (world.suffix if suffixed else "")},
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q + (world.suffix if suffixed else "")},
                  {"from": "gpt", "value": a}]
     return conv
 

@@ -13,6 +13,7 @@ import random
 from . import render as R
 from .record import make_record
 from .scene import caption, random_scene, render
+from .tasks_scene import conversation
 from .world import THINK_SUFFIX, World
 
 OCR_QUESTION = "What is written in the image?"
@@ -146,8 +147,6 @@ def text_drill(rng: random.Random, world: World):
     """Training only: several questions about one rendered-text image (the OCR, chart, table and arithmetic
     tasks' phrasings, plus the text's colour and the equation's transcript), as one conversation: every
     value of a chart and its max / min / a difference, every cell of a table."""
-    from .tasks_scene import conversation
-
     kind = rng.choice(("text", "chart", "table", "equation"))
     if kind == "text":
         spec, img = R.make_text_image(rng, world)
