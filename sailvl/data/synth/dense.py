@@ -24,7 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
-from .render import draw_table_grid, make_chart, make_equation_image, make_table, make_text_image
+from .render import (draw_table_grid, grid_positions, make_chart, make_equation_image, make_table, make_text_image,
+                     text_size, typeset)
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
 
@@ -143,13 +144,22 @@ class DenseStream:
         w = self.world
         s, margin = w.image_size, w.px(2)
         text = "".join(rng.choice(CHARS) for _ in range(rng.randint(1, 4)))
-        size = rng.randint(w.px(10), w.px(30))
-        while size > 6 and _ink_width(text, size) > s - 2 * margin:
-            size -= 1
-        x0, y0, x1, y1 = text_bbox(text, size)
-        x = rng.randint(margin, max(margin, s - margin - _ink_width(text, size)))
-        y = rng.randint(margin, max(margin, s - margin - (y1 - y0)))
-        _write(c, text, (x, y), size, rng.choice(INK))
+        g = w.text_grid
+        if g:  # typeset text comes in the world's sizes only, on its grid
+            size = rng.randint(*map(w.px, rng.choice((w.ocr_font, w.equation_font))))
+            while size > 6 and text_size(text, size, g)[0] > s - 2 * margin:
+                size -= 1
+            width, height = text_size(text, size, g)
+            x = rng.choice(grid_positions(margin, s - margin - width, g))
+            y = rng.choice(grid_positions(margin, s - margin - height, g))
+        else:
+            size = rng.randint(w.px(10), w.px(30))
+            while size > 6 and _ink_width(text, size) > s - 2 * margin:
+                size -= 1
+            x0, y0, x1, y1 = text_bbox(text, size)
+            x = rng.randint(margin, max(margin, s - margin - _ink_width(text, size)))
+            y = rng.randint(margin, max(margin, s - margin - (y1 - y0)))
+        _write(c, text, (x, y), size, rng.choice(INK), g)
 
     def _table(self, rng: random.Random, c: _Canvas) -> None:
         """A grid like render.make_table's: header row / column shaded, one character per cell."""
@@ -169,9 +179,9 @@ class DenseStream:
                     continue
                 header = i == 0 or j == 0
                 ch_ = rng.choice(string.ascii_uppercase if header else string.digits)
-                x0, y0, x1, y1 = text_bbox(ch_, fs)
-                xy = (round((i + 0.5) * cw - (x1 - x0) / 2), round((j + 0.5) * ch - (y1 - y0) / 2))
-                _write(c, ch_, xy, fs, "blue" if header else "black")
+                tw, th = text_size(ch_, fs, w.text_grid)
+                xy = (round((i + 0.5) * cw - tw / 2), round((j + 0.5) * ch - th / 2))
+                _write(c, ch_, xy, fs, "blue" if header else "black", w.text_grid)
 
     def _chart(self, rng: random.Random, c: _Canvas) -> None:
         """Bars like render.make_chart's (bar kind), a letter under each and a digit above it."""
@@ -249,8 +259,13 @@ def _ink_height(text: str, size: int) -> int:
     return y1 - y0
 
 
-def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str) -> None:
-    """Draw `text` character by character (advance = the font's advance widths) so each is its own element."""
+def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str, grid: int = 0) -> None:
+    """Draw `text` character by character so each is its own element: advance = the font's advance widths, or
+    (grid > 0) at `xy` on the grid, one glyph per fixed-pitch cell exactly as render.typeset sets it."""
+    if grid:
+        for i, ch in enumerate(text):
+            c.paint(lambda d, i=i: typeset(d, xy, text, size, COLOURS[ink], grid, only=i), Element(ink, "char", char=ch))
+        return
     x, y = xy
     left = text_bbox(text[0], size)[0]
     top = min(text_bbox(ch, size)[1] for ch in text)

@@ -4,13 +4,15 @@ Each `make_*` function draws one image from a spec it samples itself and returns
 spec is a plain JSON-able dict that holds everything needed to recompute any answer about the image,
 and `describe_*` turns a spec into the dense transcript used by caption-style pretraining samples.
 Text uses Pillow's bundled scalable font (cached per size in world.font); text is placed by its ink
-box, so the whole glyph run is always inside the image.
+box, so the whole glyph run is always inside the image. With `World.text_grid` > 0, OCR words, equations and
+table cells are typeset (`typeset`): one glyph per fixed-pitch cell, cells on the pixel grid.
 """
 
 from __future__ import annotations
 
 import random
 import string
+from functools import lru_cache
 
 from PIL import Image, ImageDraw
 
@@ -25,15 +27,76 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 OP_GLYPH = {"+": "+", "-": "-", "*": "x"}  # how the image and the text write each operation
 
 
-def _fit_size(text: str, lo: int, hi: int, max_w: int, max_h: int, rng: random.Random) -> int:
-    """A random font size in [lo, hi], shrunk until the ink box fits max_w x max_h."""
+def _fit_size(text: str, lo: int, hi: int, max_w: int, max_h: int, rng: random.Random, grid: int = 0) -> int:
+    """A random font size in [lo, hi], shrunk until the text's box (`text_size`) fits max_w x max_h."""
     size = rng.randint(lo, hi)
     while size > 6:
-        x0, y0, x1, y1 = text_bbox(text, size)
-        if x1 - x0 <= max_w and y1 - y0 <= max_h:
+        w, h = text_size(text, size, grid)
+        if w <= max_w and h <= max_h:
             return size
         size -= 1
     return size
+
+
+# the glyphs typeset text (text_grid > 0) holds: numbers and equations take the pitch of the narrower numeric set
+NUMERIC = string.digits + "+x-=?"
+TYPESET_GLYPHS = string.ascii_uppercase + NUMERIC
+
+
+@lru_cache(maxsize=256)
+def _widest(size: int, numeric: bool) -> int:
+    return max(text_bbox(ch, size)[2] - text_bbox(ch, size)[0] for ch in (NUMERIC if numeric else TYPESET_GLYPHS))
+
+
+def pitch(size: int, grid: int, text: str = "") -> int:
+    """Cell width of fixed-pitch `text` at `size` on a `grid` px grid: the widest glyph of its set (numeric, or all
+    typeset glyphs), rounded up to the grid."""
+    return -(-_widest(size, set(text) <= set(NUMERIC)) // grid) * grid
+
+
+def text_size(text: str, size: int, grid: int = 0) -> tuple[int, int]:
+    """(width, height) of the ink box of `text` (proportional, grid 0) or of its cells (typeset on `grid`)."""
+    x0, y0, x1, y1 = text_bbox(text, size)
+    return (x1 - x0 if grid == 0 else len(text) * pitch(size, grid, text)), y1 - y0
+
+
+def snap(v: float, grid: int) -> int:
+    """`v` rounded to the grid (grid 0: to the pixel)."""
+    return round(v) if grid == 0 else int(round(v / grid)) * grid
+
+
+def grid_positions(lo: int, hi: int, grid: int) -> list[int]:
+    """Positions in [lo, hi] (grid 0: every pixel; else multiples of grid); [lo] when the range is empty."""
+    if grid == 0:
+        return list(range(lo, hi + 1)) or [lo]
+    return list(range(-(-lo // grid) * grid, hi + 1, grid)) or [-(-lo // grid) * grid]
+
+
+def typeset(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill,
+            grid: int = 0, anchor: str = "lt", only: int | None = None) -> tuple[int, int, int, int]:
+    """Draw `text` with its box's left-top (anchor 'lt'), centre-top ('mt') or centre-bottom ('mb') at xy; grid 0:
+    proportional (`draw_text`). grid > 0: the box's corner is snapped to the grid and each glyph is centred in its
+    own cell of width `pitch(size, grid)`, so a glyph always lands at the same offset from the patch grid;
+    `only=i` draws glyph i alone, where the whole text would put it. Returns the box (x0, y0, x1, y1)."""
+    if grid == 0:
+        return draw_text(draw, xy, text, size, fill, anchor)
+    w, h = text_size(text, size, grid)
+    x, y = xy
+    if anchor[0] == "m":
+        x -= w / 2
+    if anchor[1] == "b":
+        y -= h
+    W, H = draw.im.size
+    x = min(max(0, snap(x, grid)), (W - w) // grid * grid)
+    y = min(max(0, snap(y, grid)), (H - h) // grid * grid)
+    top = min(text_bbox(ch, size)[1] for ch in text)
+    cell = pitch(size, grid, text)
+    for i, ch in enumerate(text):
+        if only is not None and i != only:
+            continue
+        gx0, gy0, gx1, _ = text_bbox(ch, size)
+        draw.text((x + i * cell + (cell - (gx1 - gx0)) // 2 - gx0, y - top), ch, font=font(size), fill=fill)
+    return (x, y, x + w, y + h)
 
 
 def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill,
@@ -70,15 +133,15 @@ def make_text_image(rng: random.Random, world: World, text: str | None = None) -
     s = world.image_size
     text = text or random_text(rng, world.ocr_max_chars)
     margin = world.px(3)
+    g = world.text_grid
     size = _fit_size(text, world.px(world.ocr_font[0]), world.px(world.ocr_font[1]), s - 2 * margin,
-                     s - 2 * margin, rng)
-    x0, y0, x1, y1 = text_bbox(text, size)
-    w, h = x1 - x0, y1 - y0
-    x = rng.randint(margin, max(margin, s - margin - w))
-    y = rng.randint(margin, max(margin, s - margin - h))
+                     s - 2 * margin, rng, g)
+    w, h = text_size(text, size, g)
+    x = rng.choice(grid_positions(margin, s - margin - w, g))
+    y = rng.choice(grid_positions(margin, s - margin - h, g))
     colour = rng.choice(INK)
     img = Image.new("RGB", (s, s), BACKGROUND)
-    box = draw_text(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour])
+    box = typeset(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour], g)
     return {"text": text, "colour": colour, "font_size": size, "box": list(box)}, img
 
 
@@ -99,14 +162,15 @@ def random_problem(rng: random.Random, world: World) -> tuple[int, str, int, int
 def make_equation_image(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
     a, op, b, result = random_problem(rng, world)
     text = f"{a}{OP_GLYPH[op]}{b}=?"
-    s, margin = world.image_size, world.px(2)
-    size = _fit_size(text, world.px(16), world.px(22), s - 2 * margin, s - 2 * margin, rng)
-    x0, y0, x1, y1 = text_bbox(text, size)
-    x = rng.randint(margin, max(margin, s - margin - (x1 - x0)))
-    y = rng.randint(margin, max(margin, s - margin - (y1 - y0)))
+    s, margin, g = world.image_size, world.px(2), world.text_grid
+    size = _fit_size(text, world.px(world.equation_font[0]), world.px(world.equation_font[1]), s - 2 * margin,
+                     s - 2 * margin, rng, g)
+    w, h = text_size(text, size, g)
+    x = rng.choice(grid_positions(margin, s - margin - w, g))
+    y = rng.choice(grid_positions(margin, s - margin - h, g))
     colour = rng.choice(INK)
     img = Image.new("RGB", (s, s), BACKGROUND)
-    draw_text(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour])
+    typeset(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour], g)
     return {"a": a, "op": op, "b": b, "result": result, "text": text, "colour": colour}, img
 
 
@@ -146,6 +210,7 @@ def make_chart(rng: random.Random, world: World, kind: str | None = None) -> tup
         for x, y in zip(xs, ys):
             d.ellipse((x - pr, y - pr, x + pr, y + pr), fill=COLOURS[colour])
     for x, y, lab, v in zip(xs, ys, labels, values):
+        # not typeset on the grid: a value sits right on its bar (labels are at fixed places anyway)
         draw_text(d, (x, y - world.px(2)), str(v), fs, COLOURS["black"], anchor="mb")
         draw_text(d, (x, axis_y + world.px(2)), lab, fs, COLOURS["black"], anchor="mt")
     return {"kind": kind, "labels": labels, "values": values, "colour": colour}, img
@@ -177,9 +242,9 @@ def make_table(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
     draw_table_grid(d, s, n_rows, n_cols)
 
     def put(text: str, ci: int, rj: int, ink: str) -> None:
-        x0, y0, x1, y1 = text_bbox(text, fs)
-        cx, cy = (ci + 0.5) * cw, (rj + 0.5) * ch
-        draw_text(d, (round(cx - (x1 - x0) / 2), round(cy - (y1 - y0) / 2)), text, fs, COLOURS[ink])
+        w, h = text_size(text, fs, world.text_grid)
+        xy = ((ci + 0.5) * cw - w / 2, (rj + 0.5) * ch - h / 2)
+        typeset(d, (round(xy[0]), round(xy[1])), text, fs, COLOURS[ink], world.text_grid)
 
     for i, c in enumerate(cols):
         put(c, i + 1, 0, "blue")
