@@ -4,7 +4,8 @@ The paper's SAIL-ViT starts from AIMv2, a pretrained encoder; a tower trained fr
 LLM's sparse answer tokens learns to see too slowly for a CPU demo (measured: single-character OCR stays at
 chance after 600 VLM steps from a fresh ViT, and reaches 0.33 in 300 steps from a ViT that was first trained
 directly on images). This stage gives the ViT that start: linear heads on its patch features predict, for
-every patch, the colour / shape / size / character that covers it (`sailvl.data.synth.dense`). Only the ViT
+every patch, the colour / shape / size / character that covers it (`sailvl.data.synth.dense`) and, with the
+vision option `position` (a loss weight), the patch's own row and column. Only the ViT
 (and the throwaway heads) train; the stage exports the whole model like any other, the heads are saved next
 to it (`vision_heads.safetensors`) and its checkpoints resume exactly (the images are a pure function of
 the seed and the step).
@@ -36,19 +37,38 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-class DenseHeads(nn.Module):
-    """One linear classifier per label head over the ViT's patch features, and a small MLP reading the image's
-    transcript (TEXT_SLOTS characters) from the mean of all patch features."""
+# Position heads (vision option "position": their loss weight; 0 = none): each patch names its row and column
+# (labels 1..grid; 0 unused). Without them the dense labels (all of them local: what covers this patch) let the
+# tower drop where a patch is: a linear probe on the last layer's features of the demo's tower found a patch's row
+# 0.22 (chance 0.125), its index 0.10 (chance 0.016), and every task about places (spatial, grounding, table
+# cells, motion) stayed at chance.
+POSITION = ("row", "col")
 
-    def __init__(self, width: int):
+
+def position_labels(n: int, grid: int) -> dict[str, torch.Tensor]:
+    """{row, col: [n, grid, grid]} labels 1..grid of every patch of n images (row-major patches)."""
+    idx = torch.arange(1, grid + 1)
+    return {"row": idx[:, None].expand(grid, grid).expand(n, grid, grid).contiguous(),
+            "col": idx[None, :].expand(grid, grid).expand(n, grid, grid).contiguous()}
+
+
+class DenseHeads(nn.Module):
+    """One linear classifier per label head over the ViT's patch features, a small MLP reading the image's
+    transcript (TEXT_SLOTS characters) from the mean of all patch features, and (grid > 0) the position heads."""
+
+    def __init__(self, width: int, grid: int = 0):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.Linear(width, len(vocab)) for name, vocab in HEADS.items()})
         self.image_text = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
                                         nn.Linear(4 * width, TEXT_SLOTS * len(HEADS["char"])))
+        self.where = nn.ModuleDict({name: nn.Linear(width, grid + 1) for name in POSITION}) if grid else None
 
     def forward(self, feats_NPD: torch.Tensor) -> dict[str, torch.Tensor]:
         text = self.image_text(feats_NPD.mean(1)).view(len(feats_NPD), TEXT_SLOTS, len(HEADS["char"]))
-        return {**{name: head(feats_NPD) for name, head in self.heads.items()}, IMAGE_TEXT: text}
+        out = {**{name: head(feats_NPD) for name, head in self.heads.items()}, IMAGE_TEXT: text}
+        if self.where is not None:
+            out.update({name: head(feats_NPD) for name, head in self.where.items()})
+        return out
 
 
 class EmbedHeads(nn.Module):
@@ -96,19 +116,21 @@ def label_counts(labels: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def dense_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-               counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict]:
+               counts: dict[str, float] | None = None, weights: dict[str, float] | None = None
+               ) -> tuple[torch.Tensor, dict]:
     """Sum over heads of the mean cross-entropy over labelled entries (patches; transcript slots, "end"
     included); also each head's accuracy where something is there (patches something covers, transcript
     characters), the number that says whether the tower sees. `counts`: the denominators (default: this
     batch's label_counts; several ranks, each holding a share of the step's images, pass the step's counts /
-    ranks, so the summed gradients are the one-process gradient)."""
+    ranks, so the summed gradients are the one-process gradient). `weights`: per-head loss weights (default 1)."""
     counts = label_counts(labels) if counts is None else counts
     loss, acc = 0.0, {}
     for name, lg in logits.items():
         y = labels[name].reshape(-1)
         lg = lg.reshape(-1, lg.shape[-1]).float()
         if counts[name] > 0:
-            loss = loss + F.cross_entropy(lg, y, ignore_index=IGNORE, reduction="sum") / counts[name]
+            w = (weights or {}).get(name, 1.0)
+            loss = loss + w * F.cross_entropy(lg, y, ignore_index=IGNORE, reduction="sum") / counts[name]
         fg = y > 0
         acc[name] = float((lg[fg].argmax(-1) == y[fg]).float().mean()) if bool(fg.any()) else float("nan")
     return loss, acc
@@ -122,10 +144,11 @@ def stream_for(stage: Stage, model: SailVL, seed: int) -> DenseStream:
         raise ValueError(f"stage {stage.name!r}: the dense world's image_size {world.image_size} != the ViT's "
                          f"{v.image_size}")
     target = opts.pop("target", "vit")
+    opts.pop("position", None)  # read by train_vision_stage
     unknown = set(opts) - {"kinds"}
     if unknown:
         raise ValueError(f"stage {stage.name!r}: unknown vision options {sorted(unknown)} (known: world, kinds, "
-                         f"target)")
+                         f"target, position)")
     # llm_embed: one label per LLM token, i.e. per pixel-shuffled 2x2 block of patches
     patch = v.patch_size if target == "vit" else int(round(v.patch_size / model.config.downsample_ratio))
     return DenseStream(world, patch, seed, **opts)
@@ -146,8 +169,13 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
     n_train, n_total = apply_trainable(model, stage)
     model.vision_model.grad_ckpt = run.activation_checkpointing
     model.train()
+    stream = stream_for(stage, model, run.seed * 1000 + si)
+    # weight of the position heads' loss (0: no position heads)
+    position = float((stage.vision or {}).get("position", 0.0))
+    if position < 0 or (position and target != "vit"):
+        raise ValueError(f"stage {stage.name!r}: vision option position must be >= 0 and needs target 'vit'")
     if target == "vit":
-        heads = DenseHeads(model.config.vision_config.hidden_size).to(trainer.device)
+        heads = DenseHeads(model.config.vision_config.hidden_size, stream.grid if position else 0).to(trainer.device)
     else:
         from ..data.tokenizer import load_tokenizer
 
@@ -158,7 +186,6 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
     optimizer.add_param_group({"params": list(heads.parameters()), "base_lr": head_lr, "lr": head_lr,
                                "weight_decay": 0.0})
     pair = _Pair(model, heads)
-    stream = stream_for(stage, model, run.seed * 1000 + si)
     step, bad = 0, 0
     ckpt_root = trainer.stage_dir(si) / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if trainer.resume else None
@@ -180,6 +207,8 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
         # several ranks (the whole tower on each, "ddp"): the step's images are drawn as one batch of n x ranks
         # and every rank trains on its slice, so the step is the one a single process with n x ranks takes
         pixels, labels = stream.batch(step, n, offset=rank * n)
+        if position:
+            labels.update(position_labels(len(pixels), stream.grid))
         pixels, labels = pixels.to(trainer.device), {k: v.to(trainer.device) for k, v in labels.items()}
         counts = None
         if world > 1:
@@ -191,7 +220,7 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
                 feats = model.vision_model(pixels, select_layer=sel)
             else:  # the LLM tokens the adapter makes, [N, T, E]
                 feats = model.encode_images(pixels).view(len(pixels), -1, model.config.llm_config.hidden_size)
-            loss, acc = dense_loss(heads(feats), labels, counts)
+            loss, acc = dense_loss(heads(feats), labels, counts, weights={k: position for k in POSITION})
         finite = bool(torch.isfinite(loss))
         if world > 1:  # one decision for all ranks (they must issue the same collectives)
             finite = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
