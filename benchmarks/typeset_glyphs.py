@@ -7,7 +7,7 @@ CNN (3 conv layers, max-pooled: translation invariance built in) is the referenc
 the world sets text: proportional at any size in 20-30 px and any pixel position (World()'s default), at one
 size, or typeset on a 4 / 8 px grid (one glyph per fixed-pitch cell, cells on the grid).
 
-Measured 2026-11-26 on the 2-core CPU (300 steps): any size and place 0.37, one size 0.60 (0.82 with black ink only), 4 px grid
+Measured 2026-11-26 on the 2-core CPU (300 steps): any size and place 0.37, one size 0.58 (0.82 with black ink only), 4 px grid
 0.97, 8 px grid 1.00, CNN reference on the default world 1.00. Sub-patch offsets and size changes are what the
 tower learns slowest; the tiny world typesets on a 4 px grid at fixed sizes.
 
