@@ -3,12 +3,13 @@
 The tiny recipe's tower (64 px, patch 8, width 128, 4 layers) plus a linear head on the mean of its patch
 features is trained to name the single character of an OCR image (36 classes: A-Z, 0-9), `--steps` steps of
 64 images, Adam lr 1e-3, bf16 autocast, and scored on 600 held-out images. Same seeds for every row; a small
-CNN (3 conv layers, max-pooled: translation invariance built in) is the reference. The rows differ only in how
+CNN (3 conv layers, max-pooled: translation invariance built in) is the reference. transformers' ViTModel and
+Aimv2VisionModel of the same size show whether our tower is the slow one. The SAIL-ViT rows differ only in how
 the world sets text: proportional at any size in 20-30 px and any pixel position (World()'s default), at one
 size, or typeset on a 4 / 8 px grid (one glyph per fixed-pitch cell, cells on the grid).
 
-Measured 2026-11-26 on the 2-core CPU (300 steps): any size and place 0.37, one size 0.58 (0.82 with black ink only), 4 px grid
-0.97, 8 px grid 1.00, CNN reference on the default world 1.00. Sub-patch offsets and size changes are what the
+Measured 2026-11-26 on the 2-core CPU (300 steps): any size and place 0.37, one size 0.58, 4 px grid 0.98, 8 px
+grid 1.00; on the default world transformers' ViTModel 0.03 and Aimv2VisionModel 0.07, the CNN reference 1.00. Sub-patch offsets and size changes are what the
 tower learns slowest; the tiny world typesets on a 4 px grid at fixed sizes.
 
 Run: .venv/bin/python benchmarks/typeset_glyphs.py [--steps 300]
@@ -54,6 +55,20 @@ def tower():
     return vit, lambda x: vit(x, select_layer=-1).mean(1)
 
 
+def hf(name: str):
+    """transformers' ViT or AIMv2 vision model of the tiny tower's size (random init): the reference ViTs."""
+    import transformers as T
+
+    dims = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384, image_size=64,
+                patch_size=8)
+    if name == "vit":
+        model = T.ViTModel(T.ViTConfig(**dims, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                           add_pooling_layer=False)
+        return model, lambda x: model(pixel_values=x).last_hidden_state[:, 1:].mean(1)
+    model = T.Aimv2VisionModel(T.Aimv2VisionConfig(**dims))
+    return model, lambda x: model(pixel_values=x).last_hidden_state.mean(1)
+
+
 def cnn():
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -95,6 +110,8 @@ def main() -> None:
         ("SAIL-ViT", "26 px, any place", replace(one, ocr_font=(26, 26)), tower),
         ("SAIL-ViT", "26 px, 4 px grid (tiny world)", replace(one, ocr_font=(26, 26), text_grid=4), tower),
         ("SAIL-ViT", "26 px, 8 px grid", replace(one, ocr_font=(26, 26), text_grid=8), tower),
+        ("transformers ViTModel", "any size 20-30 px, any place (World default)", one, lambda: hf("vit")),
+        ("transformers Aimv2VisionModel", "any size 20-30 px, any place (World default)", one, lambda: hf("aim")),
         ("CNN reference", "any size 20-30 px, any place (World default)", one, cnn),
     ]
     base = None

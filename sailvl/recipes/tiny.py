@@ -49,7 +49,7 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
 # Questions end at "?" (no SAIL-VL2 answer-format suffix): 11 of a short question's ~45 tokens, which buy the
 # tiny model nothing since every synthetic question has a one-word answer.
 # Text is typeset at fixed sizes on a 4 px grid (World.text_grid): a patch-8 ViT learnt from scratch names single
-# characters 0.97 after 300 steps that way, 0.37 with text at any size and pixel position (measured, world.py).
+# characters 0.98 after 300 steps that way, 0.37 with text at any size and pixel position (benchmarks/typeset_glyphs.py).
 TYPESET = dict(text_grid=4, ocr_font=(26, 26), equation_font=(18, 18))
 TINY_WORLD = World(ocr_max_chars=2, table_max_value=9, answer_suffix=False, **TYPESET)
 # The curriculum's "basics": one object or one character per image. Measured on this CPU (300 steps from

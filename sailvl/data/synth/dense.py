@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
-from .render import (draw_table_grid, grid_positions, make_chart, make_equation_image, make_table, make_text_image,
-                     text_size, typeset)
+from .render import (draw_table_grid, fit_size, make_chart, make_equation_image, make_table, make_text_image,
+                     place_text, text_size, typeset)
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
 
@@ -146,12 +146,9 @@ class DenseStream:
         text = "".join(rng.choice(CHARS) for _ in range(rng.randint(1, 4)))
         g = w.text_grid
         if g:  # typeset text comes in the world's sizes only, on its grid
-            size = rng.randint(*map(w.px, rng.choice((w.ocr_font, w.equation_font))))
-            while size > 6 and text_size(text, size, g)[0] > s - 2 * margin:
-                size -= 1
-            width, height = text_size(text, size, g)
-            x = rng.choice(grid_positions(margin, s - margin - width, g))
-            y = rng.choice(grid_positions(margin, s - margin - height, g))
+            size = fit_size(text, *map(w.px, rng.choice((w.ocr_font, w.equation_font))), s - 2 * margin,
+                            s - 2 * margin, rng, g)
+            x, y = place_text(rng, text, size, s, margin, g)
         else:
             size = rng.randint(w.px(10), w.px(30))
             while size > 6 and _ink_width(text, size) > s - 2 * margin:

@@ -27,7 +27,7 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 OP_GLYPH = {"+": "+", "-": "-", "*": "x"}  # how the image and the text write each operation
 
 
-def _fit_size(text: str, lo: int, hi: int, max_w: int, max_h: int, rng: random.Random, grid: int = 0) -> int:
+def fit_size(text: str, lo: int, hi: int, max_w: int, max_h: int, rng: random.Random, grid: int = 0) -> int:
     """A random font size in [lo, hi], shrunk until the text's box (`text_size`) fits max_w x max_h."""
     size = rng.randint(lo, hi)
     while size > 6:
@@ -61,8 +61,8 @@ def text_size(text: str, size: int, grid: int = 0) -> tuple[int, int]:
 
 
 def snap(v: float, grid: int) -> int:
-    """`v` rounded to the grid (grid 0: to the pixel)."""
-    return round(v) if grid == 0 else int(round(v / grid)) * grid
+    """`v` rounded to a multiple of `grid` (> 0)."""
+    return int(round(v / grid)) * grid
 
 
 def grid_positions(lo: int, hi: int, grid: int) -> list[int]:
@@ -70,6 +70,12 @@ def grid_positions(lo: int, hi: int, grid: int) -> list[int]:
     if grid == 0:
         return list(range(lo, hi + 1)) or [lo]
     return list(range(-(-lo // grid) * grid, hi + 1, grid)) or [-(-lo // grid) * grid]
+
+
+def place_text(rng: random.Random, text: str, size: int, s: int, margin: int, grid: int) -> tuple[int, int]:
+    """A random left-top corner for `text`'s box inside an s x s image with `margin` (on the grid when grid > 0)."""
+    w, h = text_size(text, size, grid)
+    return rng.choice(grid_positions(margin, s - margin - w, grid)), rng.choice(grid_positions(margin, s - margin - h, grid))
 
 
 def typeset(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill,
@@ -134,11 +140,9 @@ def make_text_image(rng: random.Random, world: World, text: str | None = None) -
     text = text or random_text(rng, world.ocr_max_chars)
     margin = world.px(3)
     g = world.text_grid
-    size = _fit_size(text, world.px(world.ocr_font[0]), world.px(world.ocr_font[1]), s - 2 * margin,
-                     s - 2 * margin, rng, g)
-    w, h = text_size(text, size, g)
-    x = rng.choice(grid_positions(margin, s - margin - w, g))
-    y = rng.choice(grid_positions(margin, s - margin - h, g))
+    size = fit_size(text, world.px(world.ocr_font[0]), world.px(world.ocr_font[1]), s - 2 * margin,
+                    s - 2 * margin, rng, g)
+    x, y = place_text(rng, text, size, s, margin, g)
     colour = rng.choice(INK)
     img = Image.new("RGB", (s, s), BACKGROUND)
     box = typeset(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour], g)
@@ -163,11 +167,9 @@ def make_equation_image(rng: random.Random, world: World) -> tuple[dict, Image.I
     a, op, b, result = random_problem(rng, world)
     text = f"{a}{OP_GLYPH[op]}{b}=?"
     s, margin, g = world.image_size, world.px(2), world.text_grid
-    size = _fit_size(text, world.px(world.equation_font[0]), world.px(world.equation_font[1]), s - 2 * margin,
-                     s - 2 * margin, rng, g)
-    w, h = text_size(text, size, g)
-    x = rng.choice(grid_positions(margin, s - margin - w, g))
-    y = rng.choice(grid_positions(margin, s - margin - h, g))
+    size = fit_size(text, world.px(world.equation_font[0]), world.px(world.equation_font[1]), s - 2 * margin,
+                    s - 2 * margin, rng, g)
+    x, y = place_text(rng, text, size, s, margin, g)
     colour = rng.choice(INK)
     img = Image.new("RGB", (s, s), BACKGROUND)
     typeset(ImageDraw.Draw(img), (x, y), text, size, COLOURS[colour], g)
@@ -243,8 +245,8 @@ def make_table(rng: random.Random, world: World) -> tuple[dict, Image.Image]:
 
     def put(text: str, ci: int, rj: int, ink: str) -> None:
         w, h = text_size(text, fs, world.text_grid)
-        xy = ((ci + 0.5) * cw - w / 2, (rj + 0.5) * ch - h / 2)
-        typeset(d, (round(xy[0]), round(xy[1])), text, fs, COLOURS[ink], world.text_grid)
+        typeset(d, (round((ci + 0.5) * cw - w / 2), round((rj + 0.5) * ch - h / 2)), text, fs, COLOURS[ink],
+                world.text_grid)
 
     for i, c in enumerate(cols):
         put(c, i + 1, 0, "blue")

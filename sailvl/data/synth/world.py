@@ -66,7 +66,7 @@ class World:
     # on an N px grid (every glyph's cell starts at a multiple of N, the pitch is a multiple of N), like a page
     # rendered at a fixed resolution. Measured with a patch-8 ViT learnt from scratch to name single characters
     # (300 steps of 64 images, 600 held out): any position and size 0.37; fixed size 0.58; fixed size on a 4 px
-    # grid 0.97 (coloured ink) - sub-patch offsets are what a from-scratch tower learns slowest.
+    # grid 0.98 (benchmarks/typeset_glyphs.py) - sub-patch offsets are what a from-scratch tower learns slowest.
     text_grid: int = 0
     max_operand: int = 9                       # arithmetic operands are 0..max_operand
     math_ops: tuple[str, ...] = ("+",)         # any of "+", "-", "*"
