@@ -6,9 +6,9 @@ objects (the shape unique in its scene), answered with the 3 x 3 position words 
 LLM start from random weights drawn with each init std and train the same steps on the same data. Held-out
 accuracy overall and by number of objects; ratios against HF's default std 0.02.
 
-Measured on the 2-core CPU (800 steps of 2 x 512 tokens, ~2 min per row; noise about +-0.03): std 0.02 0.54
-(1 object 0.85, 3 objects 0.32), 0.06 0.65, 0.1 0.63 (session script on the same data) -> the tiny recipe draws its
-LLM with 0.06 (about 1 / sqrt(width)).
+Measured on the 2-core CPU (800 steps of 2 x 512 tokens, ~100 s per row): std 0.02 0.60 (1 / 2 / 3 objects
+0.95 / 0.44 / 0.34), std 0.06 0.70 (0.92 / 0.66 / 0.48), 1.16x. A session script on the demo's own records gave
+0.54 / 0.65 (std 0.1: 0.63). The tiny recipe draws its LLM with 0.06 (about 1 / sqrt(width)).
 
 Run: .venv/bin/python benchmarks/llm_init.py [--tower runs/demo/01_vit_read/model] [--steps 800] [--stds 0.02,0.06]
 """
