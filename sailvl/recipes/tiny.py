@@ -39,8 +39,8 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
     vision = VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                           image_size=64, patch_size=8, initializer_range=0.1)
     # LLM (and adapter) init std 0.06, about 1 / sqrt(width), instead of HF's 0.02: the LLM starts from random weights
-    # here. Measured from one tower: finding an object named in the question and saying where it is (1-3 objects,
-    # 800 steps) 0.54 -> 0.65; the VLM stages of the demo 0.31 -> 0.40 overall (0.39 with std 0.1); the demo 0.36 -> 0.46
+    # here. Finding an object named in the question and saying where it is (1-3 objects, 800 steps, the demo's
+    # tower): 0.59 -> 0.67 (benchmarks/llm_init.py); the whole demo 0.36 -> 0.46
     llm = LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
                     max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.06)
