@@ -1,8 +1,12 @@
-"""Shared helpers for the benchmarks: interleaved timing with warm-up, and a printed table of ratios."""
+"""Shared helpers for the benchmarks: interleaved timing with warm-up, a printed table of ratios, and training
+one short run to score its model on held-out records."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -37,3 +41,22 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     for r in rows:
         print("| " + " | ".join(f"{x:,.0f}" if isinstance(x, float) and abs(x) >= 100 else
                                 (f"{x:.2f}" if isinstance(x, float) else str(x)) for x in r) + " |")
+
+
+def train_and_score(run, test: Path, out: Path, group_of) -> tuple[float, dict, float]:
+    """Train `run` (a sailvl RunConfig), score its final model on the one-task JSONL `test` (per-item results to
+    `out`) -> (accuracy, {group_of(record): mean score}, training seconds)."""
+    from sailvl import load
+    from sailvl.eval.synth import evaluate
+    from sailvl.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    final = Trainer(run, quiet=True).fit()
+    seconds = time.perf_counter() - t0
+    pipe = load(final)
+    rep = evaluate(pipe.model, pipe.processor, test, out_jsonl=out)
+    groups = defaultdict(list)
+    records = test.read_text().splitlines()
+    for record, line in zip(records, out.read_text().splitlines()):  # one task: results keep the file's order
+        groups[group_of(json.loads(record))].append(json.loads(line)["score"])
+    return rep["accuracy"], {g: sum(v) / len(v) for g, v in sorted(groups.items())}, seconds

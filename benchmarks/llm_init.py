@@ -21,15 +21,14 @@ import json
 import random
 import sys
 import tempfile
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, train_and_score  # noqa: E402
 
 
 def where_records(n: int, seed: int, out: Path, split: str) -> None:
@@ -59,12 +58,9 @@ def where_records(n: int, seed: int, out: Path, split: str) -> None:
 
 
 def run_one(tower: str, std: float, data: Path, steps: int, work: Path) -> tuple[float, dict, float]:
-    from sailvl import load
     from sailvl.data.processor import Processor
-    from sailvl.eval.synth import evaluate
     from sailvl.model.vlm import SailVL
     from sailvl.train.stages import DataSpec, RunConfig, Stage
-    from sailvl.train.trainer import Trainer
 
     base = SailVL.from_pretrained(tower, dtype=torch.float32)
     cfg = dataclasses.replace(base.config, llm_config=dataclasses.replace(base.config.llm_config,
@@ -80,17 +76,7 @@ def run_one(tower: str, std: float, data: Path, steps: int, work: Path) -> tuple
                   warmup_steps=10, schedule="constant", loss_weighting="sqrt")
     run = RunConfig(name=f"std_{std}", stages=[stage], out_dir=str(work), init=str(init), model=None,
                     precision="bf16", checkpoint_every=10**9, log_every=10**9)
-    t0 = time.perf_counter()
-    final = Trainer(run, quiet=True).fit()
-    seconds = time.perf_counter() - t0
-    pipe = load(final)
-    out = work / f"eval_{std}.jsonl"
-    rep = evaluate(pipe.model, pipe.processor, data / "test.jsonl", out_jsonl=out)
-    objects = [json.loads(line)["objects"] for line in (data / "test.jsonl").read_text().splitlines()]
-    by_n = defaultdict(list)
-    for n, line in zip(objects, out.read_text().splitlines()):  # one task: results keep the file's order
-        by_n[n].append(json.loads(line)["score"])
-    return rep["accuracy"], {n: sum(v) / len(v) for n, v in sorted(by_n.items())}, seconds
+    return train_and_score(run, data / "test.jsonl", work / f"eval_{std}.jsonl", lambda r: r["objects"])
 
 
 def main() -> None:

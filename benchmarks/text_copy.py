@@ -22,15 +22,13 @@ import json
 import random
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, train_and_score  # noqa: E402
 
 
 def records(n_test: int, pools: list[int], seed: int = 0) -> tuple[list[dict], list[list[dict]]]:
@@ -39,33 +37,28 @@ def records(n_test: int, pools: list[int], seed: int = 0) -> tuple[list[dict], l
     from sailvl.data.synth import sample
     from sailvl.recipes.tiny import TINY_WORLD
 
-    rng = random.Random(seed)
-    test, seen = [], set()
-    while len(test) < n_test:
-        rec, _ = sample("text_instruct", rng, world=TINY_WORLD)
-        q = rec["conversations"][0]["value"]
-        if q not in seen:
-            seen.add(q)
-            test.append(rec)
-    train, tries = [], 0
-    while len(train) < max(pools):
-        rec, _ = sample("text_instruct", rng, world=TINY_WORLD)
-        q = rec["conversations"][0]["value"]
-        tries += 1
-        if q not in seen:
-            seen.add(q)
-            train.append(rec)
-        if tries > 50 * max(pools):
-            raise SystemExit(f"only {len(train)} distinct text_instruct records exist; lower --pools")
+    rng, seen = random.Random(seed), set()
+
+    def distinct(n: int) -> list[dict]:
+        out = []
+        for _ in range(50 * n):
+            rec, _ = sample("text_instruct", rng, world=TINY_WORLD)
+            q = rec["conversations"][0]["value"]
+            if q not in seen:
+                seen.add(q)
+                out.append(rec)
+                if len(out) == n:
+                    return out
+        raise SystemExit(f"only {len(out)} more distinct text_instruct records found; lower --pools / --n-test")
+
+    test = distinct(n_test)
+    train = distinct(max(pools))
     return test, [train[:n] for n in pools]
 
 
 def run_one(tokenizer: str, pool: list[dict], test: Path, steps: int, work: Path) -> tuple[float, dict, float]:
-    from sailvl import load
-    from sailvl.eval.synth import evaluate
     from sailvl.recipes.tiny import tiny_model
     from sailvl.train.stages import DataSpec, RunConfig, Stage
-    from sailvl.train.trainer import Trainer
 
     data = work / f"pool_{len(pool)}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pool))
@@ -74,17 +67,7 @@ def run_one(tokenizer: str, pool: list[dict], test: Path, steps: int, work: Path
                   max_len=512, rows_per_step=4, warmup_steps=10, schedule="constant", loss_weighting="sqrt")
     run = RunConfig(name=f"pool_{len(pool)}", stages=[stage], out_dir=str(work), model=tiny_model(),
                     tokenizer=tokenizer, precision="bf16", checkpoint_every=10**9, log_every=10**9)
-    t0 = time.perf_counter()
-    final = Trainer(run, quiet=True).fit()
-    seconds = time.perf_counter() - t0
-    pipe = load(final)
-    out = work / f"eval_{len(pool)}.jsonl"
-    rep = evaluate(pipe.model, pipe.processor, test, out_jsonl=out)
-    kinds = [json.loads(line)["meta"]["kind"] for line in test.read_text().splitlines()]
-    by_kind = defaultdict(list)
-    for kind, line in zip(kinds, out.read_text().splitlines()):  # one task: results keep the file's order
-        by_kind[kind].append(json.loads(line)["score"])
-    return rep["accuracy"], {k: sum(v) / len(v) for k, v in by_kind.items()}, seconds
+    return train_and_score(run, test, work / f"eval_{len(pool)}.jsonl", lambda r: r["meta"]["kind"])
 
 
 def main() -> None:
