@@ -99,33 +99,42 @@ def optimizer_by_name(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------- tests
-def test_same_global_batch_same_loss_and_update(world, tmp_path, monkeypatch):  # noqa: F811
+# Muon: each rank gathers a matrix's momentum whole, iterates in bf16 and keeps its shard of the update
+TOLERANCE = {"adamw": dict(loss=1e-5, grad=1e-5, weight=1e-4), "muon": dict(loss=1e-4, grad=1e-4, weight=1e-3)}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_same_global_batch_same_loss_and_update(world, tmp_path, monkeypatch, optimizer):  # noqa: F811
     """1 process x 2 rows per step vs 2 ranks x 1 row: same rows (see one_row_buffer), fp32. Stage 1 trains
     the adapter only (frozen ViT and LLM inside FSDP units), stage 2 everything; the 2-rank run also uses
     activation checkpointing, and some of its micro-batches have no image on one rank (blank-image path)."""
+    tol = TOLERANCE[optimizer]
     one = make_run(world, tmp_path / "one")
+    for s in one.stages:
+        s.optimizer = optimizer
     one_row_buffer(monkeypatch)
     Trainer(one, quiet=True).fit()
     two = make_run(world, tmp_path / "two", activation_checkpointing=True)
     for s in two.stages:
         s.rows_per_step = 1  # per rank
+        s.optimizer = optimizer
     launch([__file__, "train-one-row-buffer", str(write_run(two, tmp_path / "two.json"))])
     a, b = records(tmp_path / "one" / "t"), records(tmp_path / "two" / "t")
     def key(r):
         return r["stage"], r["step"], r["tokens"], r["samples"]
 
     assert [key(r) for r in a] == [key(r) for r in b]  # the same global batches, summed over ranks
-    for x, y in zip(a, b):  # measured: <= 2.3e-7 relative (loss), <= 7e-7 (grad norm)
-        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"], (x, y)
-    for st in ("00_warm", "01_all"):  # the same updates: 3 + 5 AdamW steps (measured max |diff| 1.2e-5)
+    for x, y in zip(a, b):  # measured (AdamW): <= 2.3e-7 relative (loss), <= 7e-7 (grad norm)
+        assert abs(x["loss"] - y["loss"]) <= tol["loss"] * abs(x["loss"]), (x, y)
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= tol["grad"] * x["grad_norm"], (x, y)
+    for st in ("00_warm", "01_all"):  # the same updates: 3 + 5 steps (measured max |diff|, AdamW: 1.2e-5)
         wa = SailVL.from_pretrained(tmp_path / "one" / "t" / st / "model").state_dict()
         wb = SailVL.from_pretrained(tmp_path / "two" / "t" / st / "model").state_dict()
         assert wa.keys() == wb.keys()
         for k in wa:
             if st == "00_warm" and not k.startswith("mlp1."):
                 assert torch.equal(wa[k], wb[k]), k  # frozen: untouched by both
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=tol["weight"], msg=k)
 
 
 def with_vision_stage(run: RunConfig, images: int) -> RunConfig:

@@ -109,10 +109,12 @@ def test_missing_init_and_tokenizer_are_clear_errors(world, tmp_path):
         Trainer(run, quiet=True).fit()
 
 
-def test_kill_9_then_resume_continues_the_exact_loss_curve(world, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_9_then_resume_continues_the_exact_loss_curve(world, tmp_path, optimizer):
     run = make_run(world, tmp_path / "killed")
     for s in run.stages:
         s.steps += 4  # long enough to be killed in the middle of stage "all"
+        s.optimizer = optimizer
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(run.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -138,6 +140,7 @@ def test_kill_9_then_resume_continues_the_exact_loss_curve(world, tmp_path):
     uninterrupted = make_run(world, tmp_path / "full")
     for s in uninterrupted.stages:
         s.steps += 4
+        s.optimizer = optimizer
     Trainer(uninterrupted, quiet=True).fit()
     assert got == losses(tmp_path / "full" / "t")  # bit-identical floats, same steps, no duplicates
 

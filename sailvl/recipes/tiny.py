@@ -71,9 +71,9 @@ EXTRA = {"basics": (0.25, BASICS_TASKS, BASICS_WORLD),
 def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "tiny", scale: float = 1.0,
          vit_lr_ratio: float = 0.1) -> RunConfig:
     """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy).
-    At scale 1: two SAIL-ViT pretraining stages (1,000 steps of 64 dense-labelled images, 400 steps of 64 of the
-    world's text images with their transcripts), then 2,926 VLM steps of 1,024 tokens, the ViT frozen after the
-    SAIL-ViT stages (demo: about 11.5 minutes on a 2-core CPU).
+    At scale 1: two SAIL-ViT pretraining stages (600 steps of 64 dense-labelled images, 400 steps of 64 of the
+    world's text images with their transcripts), then 2,196 VLM steps of 1,024 tokens (Muon throughout), the ViT frozen after the
+    SAIL-ViT stages (demo: 11-13.5 minutes on a 2-core CPU, by the machine's speed).
 
     Curriculum (CALIBRATION.md and the measurements at BASICS_WORLD): the SAIL-ViT stages see "basics" first
     (one object or one character per image: shape / colour questions, captions, OCR, boxes) with captions,
@@ -93,7 +93,12 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     def steps(n: int) -> int:
         return max(1, int(round(n * scale)))
 
-    common = dict(max_len=512, rows_per_step=2, grad_accum=1, warmup_steps=10, loss_weighting="token")
+    # Muon (sailvl.train.muon) in every stage: each step costs ~90 ms more (Newton-Schulz on the hidden matrices, about
+    # 0.6x a VLM step), so the VLM stages take 0.75x the steps they had with AdamW and vit_dense 600 instead of
+    # 1,000 (its character accuracy at 600 with Muon = AdamW's at 1,000: benchmarks/muon.py --dense). Whole demo,
+    # same seed and day: 0.45 -> 0.52 held out in 13.6 -> 13.3 min (slow machine); Muon in vit_dense alone: 0.41
+    common = dict(max_len=512, rows_per_step=2, grad_accum=1, warmup_steps=10, loss_weighting="token",
+                  optimizer="muon")
     # question answering: a sample weighs sqrt(its answer tokens), so one-word answers are not drowned by
     # captions while a drill's several answers count more than one answer
     qa = dict(common, loss_weighting="sqrt")
@@ -108,31 +113,31 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     late = ["adapter", "llm"]
     stages = [
         # stands in for SAIL-ViT's pretrained AIMv2 start: the ViT alone on dense per-patch labels (in memory)
-        Stage("vit_dense", steps(1000), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
-              warmup_steps=10, schedule="cosine", vision={"world": TINY_WORLD.to_dict()}),
+        Stage("vit_dense", steps(600), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
+              warmup_steps=10, schedule="cosine", vision={"world": TINY_WORLD.to_dict()}, optimizer="muon"),
         # ... then reading: the world's own OCR / equation / chart / table images, each with its transcript
         # predicted from the mean of all patches (measured: OCR 0.02 -> 0.15 in the demo, 0.02 -> 0.19 in a probe)
         Stage("vit_read", steps(400), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
-              warmup_steps=10, schedule="cosine", vision={"world": TINY_WORLD.to_dict(), "kinds": {
+              warmup_steps=10, schedule="cosine", optimizer="muon", vision={"world": TINY_WORLD.to_dict(), "kinds": {
                   "read_ocr": 2, "read_equation": 1, "read_chart": 1, "read_table": 1}}),
-        Stage("vit_warmup", steps(73), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
+        Stage("vit_warmup", steps(55), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
               **common),
-        Stage("vit_finegrained", steps(512), d(basics=3, captions=1, scene_drills=1), lr=lr(1e-3), trainable=all_,
+        Stage("vit_finegrained", steps(384), d(basics=3, captions=1, scene_drills=1), lr=lr(1e-3), trainable=all_,
               schedule="constant", **qa),
-        Stage("vit_world", steps(488), d(captions=2, scene=1, scene_multi=0.5, scene_drills=2, text_drills=1.5,
+        Stage("vit_world", steps(366), d(captions=2, scene=1, scene_multi=0.5, scene_drills=2, text_drills=1.5,
                                          text_in_image=0.5, basics=1, math_direct=0.3, text=0.5),
               lr=lr(1e-3), trainable=all_, schedule="constant", **qa),
-        Stage("pretrain_basic", steps(73), d(captions=2, text_in_image=1), trainable=["adapter"],
+        Stage("pretrain_basic", steps(55), d(captions=2, text_in_image=1), trainable=["adapter"],
               lr={"adapter": 1e-3}, adalrs={"window": 10}, schedule="constant", **common),
-        Stage("pretrain_multitask", steps(853), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
+        Stage("pretrain_multitask", steps(640), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
                                                   text_drills=2, text_in_image=1, basics=0.5, math_direct=1, text=0.7),
               lr=lr(1e-3), trainable=late, schedule="constant", **qa),
-        Stage("sft", steps(585), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
+        Stage("sft", steps(439), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
                                    text_in_image=1, math_direct=1, text=0.7),
               lr=lr(7e-4), trainable=late, schedule="wsd", decay_fraction=0.5, **qa),
-        Stage("longcot_sft", steps(114), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
+        Stage("longcot_sft", steps(86), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
         # Think-Fusion: mostly single questions, the evaluation's format
-        Stage("think_fusion_sft", steps(228), d(scene=3, scene_multi=0.5, scene_drills=0.5, text_drills=0.5,
+        Stage("think_fusion_sft", steps(171), d(scene=3, scene_multi=0.5, scene_drills=0.5, text_drills=0.5,
                                                  text_in_image=2, math_direct=1, math_cot=0.7, text=0.5, captions=0.3),
               lr=lr(2e-4), trainable=late, **qa),
     ]

@@ -3,7 +3,8 @@
 Freezing is `requires_grad=False` outside the stage's trainable modules (frozen parameters get no
 gradient, no optimiser state and no FSDP communication for their grads). Trainable parameters are grouped
 by their lr (the longest matching key of `stage.lr`); no weight decay on norms, biases and embeddings of
-positions. `lr_at(stage, step)` is the schedule's multiplier in [0, 1]; the trainer sets every group's lr to
+positions. A stage's `optimizer` is "adamw" (torch's fused AdamW) or "muon" (`sailvl.train.muon.MuonAdamW`:
+Muon for the hidden matrices, AdamW for the rest, the same lrs). `lr_at(stage, step)` is the schedule's multiplier in [0, 1]; the trainer sets every group's lr to
 `base_lr * lr_at(...) * adalrs_scale` before each step.
 """
 
@@ -14,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from .muon import MuonAdamW, use_muon
 from .stages import Stage
 
 
@@ -34,13 +36,17 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
-    groups: dict[tuple[float, bool], list] = {}
+    muon = stage.optimizer == "muon"
+    groups: dict[tuple[float, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = (stage.lr_for(name), _no_decay(name, p))
+            key = (stage.lr_for(name), _no_decay(name, p), muon and use_muon(name, p))
             groups.setdefault(key, []).append(p)
     param_groups = [{"params": ps, "base_lr": lr, "lr": lr, "weight_decay": 0.0 if nd else stage.weight_decay}
-                    for (lr, nd), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+                    | ({"muon": m} if muon else {})
+                    for (lr, nd, m), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+    if muon:
+        return MuonAdamW(param_groups, betas=tuple(stage.betas))
     # the fused kernel on CPU too: 18 -> 6.5 ms per tiny-recipe step (benchmarks/bench_step.py's what-if table)
     devices = {p.device.type for g in param_groups for p in g["params"]}
     fused = True if devices <= {"cpu", "cuda"} else None

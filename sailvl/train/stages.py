@@ -40,6 +40,8 @@ class Stage:
     decay_fraction: float = 0.2  # WSD: share of steps in the final linear decay
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
+    # "adamw", or "muon": Muon for the hidden weight matrices, AdamW for the rest (sailvl.train.muon)
+    optimizer: str = "adamw"
     max_len: int = 2048  # tokens per packed row (also the processor's max sample length)
     rows_per_step: int = 1  # packed rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -58,6 +60,8 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: steps must be >= 0")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"stage {self.name!r}: schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"stage {self.name!r}: optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.loss_weighting not in ("token", "sample", "sqrt"):
             raise ValueError(f"stage {self.name!r}: loss_weighting must be token, sample or sqrt")
         for t in self.trainable:
