@@ -9,7 +9,7 @@
    the training batches along the way, AdamW vs Muon.
 
 Measured on the 2-core CPU (tower: the demo's vit_read model; single runs, noise about +-0.03):
-  step: fused AdamW 1.4 ms, torch.optim.Muon 104-118 ms, MuonAdamW 90 ms (the bf16 Newton-Schulz products run
+  step: fused AdamW 1.4-2.1 ms, torch.optim.Muon 69-118 ms, MuonAdamW 59-90 ms (two runs; the bf16 Newton-Schulz products run
   at ~400 GFLOP/s: the iteration's flops, not overhead, set the cost; a VLM step of 2 x 512 tokens is ~150 ms)
   lookup, 400 steps: AdamW 0.60, Muon 0.77 (3 objects 0.33 -> 0.55); Muon 330 steps 0.70 vs AdamW 580 steps
   0.66 in the same ~90 s
