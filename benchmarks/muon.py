@@ -97,7 +97,7 @@ def lookup(tower: str, steps: int) -> None:
                 ["optimiser", "steps", "held-out", "1 object", "2 objects", "3 objects", "train s", "vs AdamW"], rows)
 
 
-def dense(steps: int) -> None:
+def dense(tower: str, steps: int) -> None:
     from sailvl.recipes.tiny import tiny
     from sailvl.train.trainer import Trainer
 
@@ -106,7 +106,7 @@ def dense(steps: int) -> None:
         for optimizer in ("adamw", "muon"):
             run = tiny(data_dir=f"{tmp}/data", out_dir=tmp, name=optimizer)  # vit_dense needs no data files
             run.stages = [dataclasses.replace(run.stages[0], steps=steps, optimizer=optimizer)]
-            run.tokenizer, run.log_every = None, 1
+            run.tokenizer, run.log_every = tower, 1  # any tokenizer: a vision stage reads no text
             t0 = time.perf_counter()
             Trainer(run, quiet=True).fit()
             seconds = time.perf_counter() - t0
@@ -137,7 +137,7 @@ def main() -> None:
         raise SystemExit(f"no model directory at {args.tower}: run `make demo` first or pass --tower")
     lookup(args.tower, args.steps)
     if args.dense:
-        dense(args.dense_steps)
+        dense(args.tower, args.dense_steps)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     # Muon (sailvl.train.muon) in every stage: each step costs ~90 ms more (Newton-Schulz on the hidden matrices, about
     # 0.6x a VLM step), so the VLM stages take 0.75x the steps they had with AdamW and vit_dense 600 instead of
     # 1,000 (its character accuracy at 600 with Muon = AdamW's at 1,000: benchmarks/muon.py --dense). Whole demo,
-    # same seed and day: 0.45 -> 0.52 held out in 13.6 -> 13.3 min (slow machine); Muon in vit_dense alone: 0.41
+    # same seed and day: 0.45 -> 0.52 held out in 13.6 -> about 13 min (slow machine; seed 1: 0.51); Muon in vit_dense alone: 0.41
     common = dict(max_len=512, rows_per_step=2, grad_accum=1, warmup_steps=10, loss_weighting="token",
                   optimizer="muon")
     # question answering: a sample weighs sqrt(its answer tokens), so one-word answers are not drowned by

@@ -36,17 +36,15 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Approximate U V^T of each matrix in `g` (..., m, n) by Newton-Schulz iteration in bf16."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16)
+    x = g.to(torch.bfloat16).reshape(-1, *g.shape[-2:])  # a batch of matrices, whatever came in
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix is the smaller one
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else torch.addmm(
-            gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)
-    return x.mT if tall else x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(g.shape)
 
 
 def muon_lr_scale(shape: torch.Size | tuple[int, ...]) -> float:
@@ -144,6 +142,6 @@ class MuonAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         # the fused kernel where it exists (CPU, CUDA): the same arithmetic as torch.optim.AdamW(fused=True)
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        adamw(params, grads, avgs, sqs, [], steps, foreach=None if fused else False, fused=fused or None,
+        adamw(params, grads, avgs, sqs, [], steps, foreach=False, fused=fused,
               amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False)
