@@ -191,6 +191,24 @@ def test_arithmetic_answers_and_thinking_format():
                 assert record["conversations"][0]["value"].endswith(SHORT_ANSWER_SUFFIX)
 
 
+def test_math_trace_styles():
+    """"steps" counts one number at a time between the problem and the result; "short" has just those two lines;
+    both end in the boxed answer, and an unknown style is refused."""
+    rng = random.Random(0)
+    for style, n_lines in (("steps", 3), ("short", 2)):
+        world = World(math_trace=style, max_operand=5)
+        for _ in range(30):
+            record, _ = sample("math_cot", rng, world=world)
+            m = record["meta"]
+            think = record["conversations"][1]["value"].split("<think>\n", 1)[1].split("\n</think>", 1)[0]
+            lines = think.split("\n")
+            assert lines[0] == f"The image shows {m['a']} + {m['b']}."
+            assert lines[-1] == f"So {m['a']} + {m['b']} = {record['answer']}."
+            assert len(lines) == n_lines
+    with pytest.raises(ValueError, match="math_trace"):
+        World(math_trace="long")
+
+
 def test_grounding_box_contains_the_object():
     for record, (img,) in _draws("grounding", 60):
         m = record["meta"]

@@ -2,7 +2,8 @@
 transcripts of every kind of image, and text-only instructions.
 
 Same signature as tasks_scene: `gen(rng, world) -> (record, images)`, with the spec in `record["meta"]`.
-`math_cot` writes a real step-by-step trace (count up / count down / repeated addition) inside
+`math_cot` writes a real step-by-step trace (count up / count down / repeated addition, or with
+`World(math_trace="short")` just the problem read and the result) inside
 `<think>` and the result in `\\boxed{}`; `math_direct` asks the same problem for a direct answer.
 """
 
@@ -71,12 +72,15 @@ def _sequence(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def think_trace(a: int, op: str, b: int) -> list[str]:
-    """The reasoning steps for a op b, one line each."""
+def think_trace(a: int, op: str, b: int, style: str = "steps") -> list[str]:
+    """The reasoning steps for a op b, one line each: the problem read from the image, then ("steps") the
+    counting / repeated addition that computes it, then the result."""
     glyph = R.OP_GLYPH[op]
     result = R.OPS[op](a, b)
     lines = [f"The image shows {a} {glyph} {b}."]
-    if op == "+":
+    if style == "short":
+        pass
+    elif op == "+":
         if b == 0:
             lines.append(f"Adding 0 leaves {a} unchanged.")
         elif b <= 10:
@@ -107,7 +111,7 @@ def think_trace(a: int, op: str, b: int) -> list[str]:
 def math_cot(rng: random.Random, world: World):
     spec, img = R.make_equation_image(rng, world)
     answer = str(spec["result"])
-    reply = "<think>\n" + "\n".join(think_trace(spec["a"], spec["op"], spec["b"])) + \
+    reply = "<think>\n" + "\n".join(think_trace(spec["a"], spec["op"], spec["b"], world.math_trace)) + \
         f"\n</think>\n\nThe answer is \\boxed{{{answer}}}."
     q = "Solve the problem in the image." + THINK_SUFFIX
     return make_record("math_cot", q, answer, spec, reply=reply, n_images=1), [img]
