@@ -30,6 +30,7 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     (1.01x: the step's gradient all-reduce and the ranks waiting for each other eat the gain)."""
     from . import load
     from .data.synth import sample as synth_sample
+    from .data.template import THINK_SUFFIX
     from .eval.synth import evaluate, table
     from .train.trainer import Trainer
 
@@ -64,13 +65,15 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
 
     rng = random.Random(seed + 12345)
     record, images = synth_sample("vqa_color", rng, world=TINY_WORLD)  # the world (and phrasing) it was trained on
-    question = record["conversations"][0]["value"].replace("<image>\n", "")
-    answer = pipe.chat(images[0], question, max_new_tokens=16)
+    placed = record["conversations"][0]["value"]  # the image where the world puts it (before / after the question)
+    question = placed.replace("<image>\n", "").replace("\n<image>", "")
+    answer = pipe.chat(images[0], placed, max_new_tokens=16)
     record_m, images_m = synth_sample("math_cot", rng, world=TINY_WORLD)
-    thought, boxed = pipe.chat(images_m[0], "Solve the problem in the image.", thinking=True, return_thinking=True,
-                               max_new_tokens=160)
+    placed_m = record_m["conversations"][0]["value"].removesuffix(THINK_SUFFIX)  # chat(thinking=True) adds it
+    question_m = placed_m.replace("<image>\n", "").replace("\n<image>", "")
+    thought, boxed = pipe.chat(images_m[0], placed_m, thinking=True, return_thinking=True, max_new_tokens=160)
     print(f"\n[demo] chat, image 1: {question!r}\n       -> {answer!r} (truth: {record['answer']!r})")
-    print(f"[demo] chat, image 2 (thinking): 'Solve the problem in the image.'\n       thinking: {thought!r}\n"
+    print(f"[demo] chat, image 2 (thinking): {question_m!r}\n       thinking: {thought!r}\n"
           f"       -> {boxed!r} (truth: {record_m['answer']!r})")
     print("\n[demo] time per part: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("[demo] time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in stage_times.items()))
@@ -78,7 +81,7 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     summary = {"final_model": str(final), "accuracy": report["accuracy"], "tasks": report["tasks"],
                "timings_s": timings, "stage_times_s": stage_times,
                "chat": [{"question": question, "answer": answer, "truth": record["answer"]},
-                        {"question": "Solve the problem in the image.", "thinking": thought, "answer": boxed,
+                        {"question": question_m, "thinking": thought, "answer": boxed,
                          "truth": record_m["answer"]}]}
     (Path(run_cfg.run_dir) / "demo_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -16,13 +16,17 @@ class Pipeline:
     def chat(self, images=None, question: str = "", thinking: bool = False, system: str | None = None,
              video=None, return_thinking: bool = False, **gen):
         """Answer `question` about `images` (a PIL image, a path, bytes, or a list of them) and/or a video.
+        The images go before the question unless it places them itself with `<image>` / `<video>` placeholders.
         With thinking=True the prompt asks for reasoning in <think> and a \\boxed{} answer; the boxed answer
         is returned (and the thinking too when return_thinking=True)."""
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        placeholders = "<image>\n" * len(images) + ("<video>\n" if video is not None else "")
+        if "<image>" in question or "<video>" in question:  # the question places its images itself
+            placeholders = ""
+        else:
+            placeholders = "<image>\n" * len(images) + ("<video>\n" if video is not None else "")
         messages = [{"role": "user", "content": placeholders + question}]
         inputs = self.processor(messages, images, video, thinking=thinking, add_generation_prompt=True, system=system)
         pixels = inputs["pixel_values"]

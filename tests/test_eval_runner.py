@@ -277,6 +277,31 @@ def test_tiny_model_on_synthetic_tasks_matches_the_demo_evaluation(tmp_path, mod
     assert (out / "synth-vqa_color" / "results.jsonl").stat().st_size == size
 
 
+def test_chat_keeps_the_images_where_the_question_places_them(model_dir):
+    import sailvl
+
+    pipe = sailvl.load(model_dir)
+    seen = []
+
+    class Recording:  # the processor, recording the messages chat() builds
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, messages, *args, **kw):
+            seen.append(messages[-1]["content"])
+            return self.inner(messages, *args, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    pipe.processor = Recording(pipe.processor)
+    red = Image.new("RGB", (64, 64), "red")
+    pipe.chat(red, "What colour is it?", max_new_tokens=2)
+    pipe.chat(red, "What colour is it?\n<image>", max_new_tokens=2)
+    pipe.chat([red, red], "Compare <image> with <image>.", max_new_tokens=2)
+    assert seen == ["<image>\nWhat colour is it?", "What colour is it?\n<image>", "Compare <image> with <image>."]
+
+
 def test_openai_content_places_images_and_video_frames():
     from sailvl.eval.endpoint import chat_url, openai_content
 

@@ -209,6 +209,34 @@ def test_math_trace_styles():
         World(math_trace="long")
 
 
+def test_image_position_last_puts_the_media_after_the_question(tmp_path):
+    """"last" moves the placeholders heading the first user turn behind its question (before a trailing thinking
+    instruction) and changes nothing else: same answers, images, later turns; written files follow it."""
+    last = World(image_position="last")
+    for task in sorted(TASKS):
+        (a, ims_a), (b, ims_b) = sample(task, 5, world=World()), sample(task, 5, world=last)
+        assert a["answer"] == b["answer"] and a["conversations"][1:] == b["conversations"][1:]
+        assert [im.tobytes() for im in ims_a] == [im.tobytes() for im in ims_b]
+        first, moved = a["conversations"][0]["value"], b["conversations"][0]["value"]
+        head = "".join(ph + "\n" for ph in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) for _ in range(first.count(ph)))
+        if not head:
+            assert moved == first
+            continue
+        assert first.startswith(head)
+        body = first[len(head):]
+        tail = THINK_SUFFIX if body.endswith(THINK_SUFFIX) else ""
+        assert (tail != "") == (task == "math_cot")
+        assert moved == body[:len(body) - len(tail)] + "\n" + head[:-1] + tail
+        to_sample(b, ims_b)  # still a valid sample: one placeholder per image
+    generate(tmp_path, 24, seed=2, split="val", world=last)
+    for r in _read(tmp_path, "val"):
+        human = r["conversations"][0]["value"]
+        if IMAGE_PLACEHOLDER in human or VIDEO_PLACEHOLDER in human:
+            assert not human.startswith(("<image>", "<video>"))
+    with pytest.raises(ValueError, match="image_position"):
+        World(image_position="middle")
+
+
 def test_grounding_box_contains_the_object():
     for record, (img,) in _draws("grounding", 60):
         m = record["meta"]
@@ -552,6 +580,22 @@ def test_typeset_equations_tables_and_dense_text_agree_with_the_renderer():
     for i in range(5):
         _, labels = stream.sample(random.Random(i))
         assert (labels["char"] > 0).sum() > 0
+    # typeset charts: labels (Q's tail too) sit on one grid row below an intact axis, in the renderer and the
+    # dense stream's chart kind alike
+    from sailvl.data.synth.render import chart_axis, make_chart
+    world = World(text_grid=4, table_max_value=9, chart_typeset=True)
+    axis_y, label_y = chart_axis(world, world.px(11))
+    assert label_y % 4 == 0 and axis_y < label_y
+    seen_q = False
+    for i in range(80):
+        spec, img = make_chart(random.Random(i), world)
+        dense_img, _ = DenseStream(world, kinds={"chart": 1}).sample(random.Random(i))
+        seen_q |= "Q" in spec["labels"]
+        for im in (img, dense_img):
+            a = np.asarray(im.convert("L"))
+            assert (a[axis_y] == a[axis_y, 0]).all() and a[axis_y, 0] < 250  # the axis: one unbroken line
+            assert (a[axis_y + 1:label_y] >= 250).all() and (a[label_y:] < 250).any()  # labels start at label_y
+    assert seen_q
     with pytest.raises(ValueError, match="text_grid"):
         World(text_grid=-1)
     with pytest.raises(ValueError, match="equation_font"):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
-from .render import (draw_table_grid, fit_size, make_chart, make_equation_image, make_table, make_text_image,
+from .render import (chart_axis, chart_grid, draw_table_grid, fit_size, make_chart, make_equation_image, make_table, make_text_image,
                      place_text, text_size, typeset)
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
@@ -186,7 +186,8 @@ class DenseStream:
         s, k = w.image_size, w.chart_items
         fs = w.px(11)
         label_h = text_bbox("A", fs)[3] - text_bbox("A", fs)[1]
-        axis_y = s - label_h - w.px(4)
+        axis_y, label_y = chart_axis(w, fs)
+        g = chart_grid(w)
         top = label_h + w.px(4)
         unit = (axis_y - top) / 9.0
         slot = (s - w.px(4)) / k
@@ -197,6 +198,11 @@ class DenseStream:
             x, y = int(w.px(2) + slot * (i + 0.5)), round(axis_y - v * unit)
             c.paint(lambda d, x=x, y=y: d.rectangle((x - half, y, x + half, axis_y - 1), fill=COLOURS[colour]),
                     Element(colour, "bar"))
+            if g:  # typeset as render.make_chart sets it (anchored centre-bottom / centre-top, snapped)
+                (vw, vh), lw = text_size(str(v), fs, g), text_size(lab, fs, g)[0]
+                _write(c, str(v), (x - vw / 2, y - w.px(2) - vh), fs, "black", g)
+                _write(c, lab, (x - lw / 2, label_y), fs, "black", g)
+                continue
             _write(c, str(v), (x - _ink_width(str(v), fs) // 2, y - w.px(2) - _ink_height(str(v), fs)), fs, "black")
             _write(c, lab, (x - _ink_width(lab, fs) // 2, axis_y + w.px(2)), fs, "black")
 

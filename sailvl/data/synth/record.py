@@ -17,6 +17,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
+from ..template import THINK_SUFFIX
 
 
 def make_record(task: str, prompt: str, answer: str, meta: dict, reply: str | None = None,
@@ -31,6 +32,24 @@ def make_record(task: str, prompt: str, answer: str, meta: dict, reply: str | No
                           {"from": "gpt", "value": answer if reply is None else reply}],
         "meta": meta,
     }
+
+
+def place_media(record: dict, position: str) -> dict:
+    """`record` with the placeholders heading its first human turn moved to the end of that turn ("last"; before
+    a trailing thinking instruction) or left where they are ("first"). Later turns are never touched."""
+    if position == "first":
+        return record
+    turn = record["conversations"][0]
+    text, head = turn["value"], ""
+    for ph in (IMAGE_PLACEHOLDER + "\n", VIDEO_PLACEHOLDER + "\n"):
+        while text.startswith(ph):
+            head, text = head + ph, text[len(ph):]
+    if not head:
+        return record
+    tail = THINK_SUFFIX if text.endswith(THINK_SUFFIX) else ""
+    body = text[:len(text) - len(tail)]
+    turn["value"] = body + "\n" + head.rstrip("\n") + tail
+    return record
 
 
 def prompt_of(record: dict) -> str:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import tasks_scene as S
 from . import tasks_text as T
+from .record import place_media
 from .world import World, resolve_world
 
 Generator = Callable[[random.Random, World], "tuple[dict, list[Image.Image]]"]
@@ -90,4 +91,10 @@ def sample(task: str, rng: random.Random | np.random.Generator | int, image_size
     paths (see record.py); images are PIL RGB images (video frames for video tasks, [] for text)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(GENERATORS)}")
-    return GENERATORS[task](as_rng(rng), resolve_world(world, image_size))
+    return draw(task, as_rng(rng), resolve_world(world, image_size))
+
+
+def draw(task: str, rng: random.Random, world: World) -> tuple[dict, list[Image.Image]]:
+    """GENERATORS[task] with the world's placement of the image / video placeholders applied."""
+    record, images = GENERATORS[task](rng, world)
+    return place_media(record, world.image_position), images

@@ -4,8 +4,8 @@ Each `make_*` function draws one image from a spec it samples itself and returns
 spec is a plain JSON-able dict that holds everything needed to recompute any answer about the image,
 and `describe_*` turns a spec into the dense transcript used by caption-style pretraining samples.
 Text uses Pillow's bundled scalable font (cached per size in world.font); text is placed by its ink
-box, so the whole glyph run is always inside the image. With `World.text_grid` > 0, OCR words, equations and
-table cells are typeset (`typeset`): one glyph per fixed-pitch cell, cells on the pixel grid.
+box, so the whole glyph run is always inside the image. With `World.text_grid` > 0, OCR words, equations,
+table cells (and chart values / labels with `World.chart_typeset`) are typeset (`typeset`): one glyph per fixed-pitch cell, cells on the pixel grid.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def make_chart(rng: random.Random, world: World, kind: str | None = None) -> tup
     s = world.image_size
     fs = world.px(11)
     label_h = text_bbox("A", fs)[3] - text_bbox("A", fs)[1]
-    axis_y = s - label_h - world.px(4)
+    axis_y, label_y = chart_axis(world, fs)
     top = label_h + world.px(4)          # room for the value text above the tallest item
     unit = (axis_y - top) / 9.0
     slot = (s - world.px(4)) / k
@@ -211,11 +211,27 @@ def make_chart(rng: random.Random, world: World, kind: str | None = None) -> tup
         pr = max(1, world.px(2))
         for x, y in zip(xs, ys):
             d.ellipse((x - pr, y - pr, x + pr, y + pr), fill=COLOURS[colour])
-    for x, y, lab, v in zip(xs, ys, labels, values):
-        # not typeset on the grid: a value sits right on its bar (labels are at fixed places anyway)
-        draw_text(d, (x, y - world.px(2)), str(v), fs, COLOURS["black"], anchor="mb")
-        draw_text(d, (x, axis_y + world.px(2)), lab, fs, COLOURS["black"], anchor="mt")
+    g = chart_grid(world)
+    for x, y, lab, v in zip(xs, ys, labels, values):  # typeset (g > 0): a value lands within 2 px of its bar
+        typeset(d, (x, y - world.px(2)), str(v), fs, COLOURS["black"], g, anchor="mb")
+        typeset(d, (x, label_y), lab, fs, COLOURS["black"], g, anchor="mt")
     return {"kind": kind, "labels": labels, "values": values, "colour": colour}, img
+
+
+def chart_grid(world: World) -> int:
+    """The grid chart text is typeset on (0: proportional, at any pixel)."""
+    return world.text_grid if world.chart_typeset else 0
+
+
+def chart_axis(world: World, fs: int) -> tuple[int, int]:
+    """(axis y, label top y) of a chart with text at font size fs. Typeset, the labels sit on the lowest grid row
+    every letter (Q's tail included) fits in, the axis 2 px above them."""
+    g, s = chart_grid(world), world.image_size
+    if g == 0:
+        axis_y = s - (text_bbox("A", fs)[3] - text_bbox("A", fs)[1]) - world.px(4)
+        return axis_y, axis_y + world.px(2)
+    label_y = (s - max(text_size(ch, fs, g)[1] for ch in LETTERS)) // g * g
+    return label_y - world.px(2), label_y
 
 
 def describe_chart(spec: dict) -> str:

@@ -79,8 +79,8 @@ def think_trace(a: int, op: str, b: int, style: str = "steps") -> list[str]:
     result = R.OPS[op](a, b)
     lines = [f"The image shows {a} {glyph} {b}."]
     if style == "short":
-        pass
-    elif op == "+":
+        return lines + [f"So {a} {glyph} {b} = {result}."]
+    if op == "+":
         if b == 0:
             lines.append(f"Adding 0 leaves {a} unchanged.")
         elif b <= 10:

@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 from .record import media_key, prompt_of
-from .registry import GENERATORS, check_tasks
+from .registry import check_tasks, draw
 from .world import World, resolve_world
 
 MAX_REDRAWS = 1000
@@ -92,7 +92,7 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str],
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for i, task in enumerate(order):
             for _ in range(MAX_REDRAWS):
-                record, images = GENERATORS[task](rng, world)
+                record, images = draw(task, rng, world)
                 h = content_hash(record, images) if (exclude is not None or keep_hashes) else 0
                 if exclude is None or h not in exclude:
                     break
