@@ -65,12 +65,15 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
 
     rng = random.Random(seed + 12345)
     record, images = synth_sample("vqa_color", rng, world=TINY_WORLD)  # the world (and phrasing) it was trained on
+    def bare(text: str) -> str:  # the question as printed, without its image placeholder
+        return text.replace("<image>\n", "").replace("\n<image>", "")
+
     placed = record["conversations"][0]["value"]  # the image where the world puts it (before / after the question)
-    question = placed.replace("<image>\n", "").replace("\n<image>", "")
+    question = bare(placed)
     answer = pipe.chat(images[0], placed, max_new_tokens=16)
     record_m, images_m = synth_sample("math_cot", rng, world=TINY_WORLD)
     placed_m = record_m["conversations"][0]["value"].removesuffix(THINK_SUFFIX)  # chat(thinking=True) adds it
-    question_m = placed_m.replace("<image>\n", "").replace("\n<image>", "")
+    question_m = bare(placed_m)
     thought, boxed = pipe.chat(images_m[0], placed_m, thinking=True, return_thinking=True, max_new_tokens=160)
     print(f"\n[demo] chat, image 1: {question!r}\n       -> {answer!r} (truth: {record['answer']!r})")
     print(f"[demo] chat, image 2 (thinking): {question_m!r}\n       thinking: {thought!r}\n"

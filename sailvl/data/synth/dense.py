@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..image import to_tensor
-from .render import (chart_axis, chart_grid, draw_table_grid, fit_size, make_chart, make_equation_image, make_table, make_text_image,
-                     place_text, text_size, typeset)
+from .render import (chart_axis, chart_grid, draw_table_grid, fit_size, make_chart, make_equation_image, make_table,
+                     make_text_image, place_text, text_size, typeset)
 from .scene import draw_obj, random_scene
 from .world import BACKGROUND, COLOURS, INK, SHAPES, World, font, text_bbox
 

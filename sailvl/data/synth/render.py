@@ -5,7 +5,8 @@ spec is a plain JSON-able dict that holds everything needed to recompute any ans
 and `describe_*` turns a spec into the dense transcript used by caption-style pretraining samples.
 Text uses Pillow's bundled scalable font (cached per size in world.font); text is placed by its ink
 box, so the whole glyph run is always inside the image. With `World.text_grid` > 0, OCR words, equations,
-table cells (and chart values / labels with `World.chart_typeset`) are typeset (`typeset`): one glyph per fixed-pitch cell, cells on the pixel grid.
+table cells (and chart values / labels with `World.chart_typeset`) are typeset (`typeset`): one glyph per
+fixed-pitch cell, cells on the pixel grid.
 """
 
 from __future__ import annotations
