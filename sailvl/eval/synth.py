@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.sources import JsonlSource
-from ..data.template import parse_thinking
+from ..data.template import THINK_END, THINK_SUFFIX, parse_thinking
 from ..model.generate import GenerationConfig, generate
 from .metrics import exact_match, grounding_hit, token_f1
 from .tasks import SYNTH_CAPTION_TASKS as CAPTION_TASKS
@@ -24,6 +24,8 @@ from .tasks import SYNTH_THINKING_TASKS as THINKING_TASKS
 
 
 def score(task: str, prediction: str, answer: str) -> float:
+    if THINK_END in prediction:  # a thinking reply is scored on its answer (the last \\boxed{}, or what follows)
+        prediction = parse_thinking(prediction)[1]
     if task in THINKING_TASKS:
         return exact_match(parse_thinking(prediction)[1], answer)
     if task == "grounding":
@@ -59,7 +61,9 @@ def evaluate(model, processor, test_jsonl: str | Path, *, limit_per_task: int | 
 
     results = []
     for task, samples in sorted(by_task.items()):
-        budget = thinking_tokens if task in THINKING_TASKS else max_new_tokens
+        # the thinking budget for thinking tasks and for questions that ask for thinking
+        thinks = task in THINKING_TASKS or any(s.messages[-2]["content"].endswith(THINK_SUFFIX) for s in samples)
+        budget = thinking_tokens if thinks else max_new_tokens
         gen = GenerationConfig(max_new_tokens=budget, stop_token_ids=[processor.im_end_id])
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]

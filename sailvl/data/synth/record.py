@@ -34,6 +34,31 @@ def make_record(task: str, prompt: str, answer: str, meta: dict, reply: str | No
     }
 
 
+# the tasks `add_scene_trace` gives a describe-then-answer thinking trace
+TRACE_TASKS = ("vqa_color", "vqa_shape", "vqa_count", "vqa_spatial", "vqa_compare", "vqa_yesno", "grounding",
+               "multi_change")
+
+
+def add_scene_trace(record: dict, image_size: int) -> dict:
+    """A TRACE_TASKS record asking for thinking, its reply describing the scene (the caption task's words; both
+    scenes for multi_change) inside <think>, then "The answer is \\boxed{answer}." Other records are returned as
+    they are."""
+    if record["task"] not in TRACE_TASKS:
+        return record
+    from .scene import Obj, caption
+
+    meta = record["meta"]
+    if "scene" in meta:
+        trace = caption([Obj.from_dict(o) for o in meta["scene"]], image_size)
+    else:
+        trace = "\n".join(f"{name}: " + caption([Obj.from_dict(o) for o in meta[key]], image_size)
+                          for name, key in (("First", "before"), ("Second", "after")))
+    human, gpt = record["conversations"]
+    human["value"] += THINK_SUFFIX
+    gpt["value"] = f"<think>\n{trace}\n</think>\n\nThe answer is \\boxed{{{record['answer']}}}."
+    return record
+
+
 def place_media(record: dict, position: str) -> dict:
     """`record` with the placeholders heading its first human turn moved to the end of that turn ("last"; before
     a trailing thinking instruction) or left where they are ("first"). Later turns are never touched."""
