@@ -277,6 +277,35 @@ def test_tiny_model_on_synthetic_tasks_matches_the_demo_evaluation(tmp_path, mod
     assert (out / "synth-vqa_color" / "results.jsonl").stat().st_size == size
 
 
+def test_questions_that_ask_for_thinking_get_the_thinking_budget(tmp_path, model_dir, monkeypatch):
+    """World(scene_trace="caption") questions end with the thinking instruction: the demo's evaluation gives them the
+    thinking budget and scores the reply's boxed answer; direct questions keep the short budget."""
+    import sailvl
+    import sailvl.eval.synth as ES
+    from sailvl.data.synth import generate
+    from sailvl.data.synth.world import World
+    from sailvl.model.generate import GenerationOutput
+
+    generate(tmp_path / "syn", 8, seed=0, split="test", tasks=["vqa_color", "ocr"],
+             world=World(scene_trace="caption"))
+    budgets = []  # one call per task (fewer items than a batch), tasks in sorted order: ocr, vqa_color
+
+    def fake_generate(model, prompts, gen, pixel_values=None, decode=None):
+        budgets.append(gen.max_new_tokens)
+        reply = "<think>\nx\n</think>\n\nThe answer is \\boxed{red}."
+        return GenerationOutput([[] for _ in prompts], ["stop"] * len(prompts), texts=[reply] * len(prompts))
+
+    monkeypatch.setattr(ES, "generate", fake_generate)
+    pipe = sailvl.load(model_dir)
+    out = tmp_path / "eval.jsonl"
+    ES.evaluate(pipe.model, pipe.processor, tmp_path / "syn" / "test.jsonl", max_new_tokens=7, thinking_tokens=99,
+                out_jsonl=out)
+    assert budgets == [7, 99]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    colour = [r for r in rows if r["task"] == "vqa_color"]
+    assert colour and all(r["score"] == float(r["answer"] == "red") for r in colour)
+
+
 def test_chat_keeps_the_images_where_the_question_places_them(model_dir):
     import sailvl
 

@@ -136,6 +136,8 @@ def test_prompts_and_thinking_answers():
     assert build_prompt(mcq, item, think=True).endswith(CHOICE_SUFFIX + THINK_SUFFIX)
     assert parse_answer(mcq, "<think>It is blue, so B.</think> The answer is \\boxed{B}", item, think=True) == "B"
     assert parse_answer(mcq, "<think>hmm</think>", item, think=True) is None
+    # a reply that thinks without being asked is read the same way
+    assert parse_answer(mcq, "<think>Not A: it is blue.</think> The answer is \\boxed{B}", item, think=False) == "B"
     placed = EvalItem(id="2", question="<image>\nWhat?", answers=["x"], images=[b"x"])
     short = resolve_tasks("synth/vqa_color")[0]
     short.prompt = "{question}" + SHORT_ANSWER_SUFFIX

@@ -24,10 +24,8 @@ from .tasks import SYNTH_THINKING_TASKS as THINKING_TASKS
 
 
 def score(task: str, prediction: str, answer: str) -> float:
-    if THINK_END in prediction:  # a thinking reply is scored on its answer (the last \\boxed{}, or what follows)
+    if task in THINKING_TASKS or THINK_END in prediction:  # scored on the answer: the last \\boxed{}, else the end
         prediction = parse_thinking(prediction)[1]
-    if task in THINKING_TASKS:
-        return exact_match(parse_thinking(prediction)[1], answer)
     if task == "grounding":
         return grounding_hit(prediction, answer)
     if task in CAPTION_TASKS:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from ..data.template import CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, THINK_SUFFIX, parse_thinking
+from ..data.template import CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, THINK_END, THINK_SUFFIX, parse_thinking
 from . import metrics as M
 from .items import EvalItem, read_jsonl_items
 from .tsv import read_vlmeval_tsv
@@ -127,9 +127,10 @@ METRICS: dict[str, Callable[[str, EvalItem], float]] = {
 
 
 def parse_answer(spec: TaskSpec, raw: str, item: EvalItem, think: bool) -> str | None:
-    """The answer a reply gives by the task's rules. In thinking mode the reply's final part (the last
-    \\boxed{}, else the text after </think>) is what the parser reads."""
-    text = parse_thinking(raw)[1] if think and spec.parser not in ("boxed", "boxed_or_text") else raw
+    """The answer a reply gives by the task's rules. In thinking mode, or when the reply thinks anyway, the reply's
+    final part (the last \\boxed{}, else the text after </think>) is what the parser reads."""
+    thinks = think or THINK_END in raw
+    text = parse_thinking(raw)[1] if thinks and spec.parser not in ("boxed", "boxed_or_text") else raw
     return PARSERS[spec.parser](text, item)
 
 
