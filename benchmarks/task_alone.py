@@ -1,0 +1,91 @@
+"""Which synthetic tasks are learnable in the demo's budget when they get the samples: each task trained alone.
+
+For every task named, a fresh adapter + LLM (the tiny recipe's shapes, init std 0.06) on the ViT of a finished demo
+run trains on that task's records only (the tiny world, `--n-train` records) for `--steps` steps of 2 x 512 tokens,
+as the recipe's VLM stages do, and is scored on `--n-test` held-out records with the demo's scorer. The table puts
+that next to the task's score in the demo run (`demo_report.json`) and to how many of the task's samples the run
+trained on: a task the model learns alone but not in the demo is short of samples in the mixture; one it does not
+learn alone either needs something else.
+
+Measured on the 2-core CPU (600 steps, the demo tower of seed 0, ~3.5 min per task; 400 held out):
+video_motion alone 0.91 after ~4,300 samples (demo 0.24 on ~750 samples of it across the VLM stages); vqa_spatial
+alone 0.34 after ~15,000 samples (demo 0.26): only the axis is learnt, never which side (right / below 0.00-0.12).
+
+Run (after `make demo`): .venv/bin/python benchmarks/task_alone.py [--run runs/demo] [--tasks video_motion,...]
+     [--steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import print_table, train_and_score  # noqa: E402
+
+
+def run_task(task: str, tower: str, steps: int, n_train: int, n_test: int, work: Path) -> tuple[float, float, int]:
+    from sailvl.data.processor import Processor
+    from sailvl.data.synth import generate_splits
+    from sailvl.model.vlm import SailVL
+    from sailvl.recipes.tiny import TINY_WORLD
+    from sailvl.train.stages import DataSpec, RunConfig, Stage
+
+    data = work / task / "data"
+    generate_splits(data, n_train, 0, n_test, seed=5, tasks=[task], world=TINY_WORLD)
+    base = SailVL.from_pretrained(tower, dtype=torch.float32)
+    cfg = dataclasses.replace(base.config, llm_config=dataclasses.replace(base.config.llm_config,
+                                                                            initializer_range=0.06))
+    torch.manual_seed(0)
+    model = SailVL(cfg)  # adapter and LLM fresh, the tower copied
+    model.vision_model.load_state_dict(base.vision_model.state_dict())
+    init = work / task / "init"
+    model.save_pretrained(init)
+    Processor.from_pretrained(tower).save_pretrained(init, source_dir=tower)
+    stage = Stage(task, steps, [DataSpec(str(data / "train.jsonl"), 1.0, task)],
+                  lr={"adapter": 1e-3, "llm": 1e-3}, trainable=["adapter", "llm"], max_len=512, rows_per_step=2,
+                  warmup_steps=10, schedule="constant", loss_weighting="sqrt", optimizer="muon")
+    run = RunConfig(name="run", stages=[stage], out_dir=str(work / task), init=str(init), model=None,
+                    precision="bf16", checkpoint_every=10**9, log_every=10**9)
+    acc, _, seconds = train_and_score(run, data / "test.jsonl", work / task / "eval.jsonl", lambda r: r["task"])
+    samples = sum(json.loads(x)["samples"] for x in (work / task / "run" / "metrics.jsonl").read_text().splitlines())
+    return acc, seconds, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo", help="a finished demo run directory (its tower and report)")
+    ap.add_argument("--tasks", default="video_motion,vqa_spatial")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--n-train", type=int, default=14000)
+    ap.add_argument("--n-test", type=int, default=400)
+    args = ap.parse_args()
+    run_dir = Path(args.run)
+    towers = sorted(run_dir.glob("01_*/model/config.json"))
+    if not towers:
+        raise SystemExit(f"no finished SAIL-ViT stage under {run_dir}: run `make demo` first or pass --run")
+    tower = str(towers[0].parent)
+    report = run_dir / "demo_report.json"
+    demo = json.loads(report.read_text()).get("tasks", {}) if report.exists() else {}
+    from sailvl.cli import _tune_malloc
+
+    _tune_malloc()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks.split(","):
+            acc, seconds, samples = run_task(task, tower, args.steps, args.n_train, args.n_test, Path(tmp))
+            in_demo = demo.get(task, {}).get("score", float("nan"))
+            rows.append([task, f"{acc:.2f}", f"{samples:,}", f"{in_demo:.2f}", f"{seconds:.0f}"])
+            print(rows[-1], flush=True)
+    print_table(f"each task alone: {args.steps} steps of 2 x 512 tokens from the demo's tower, {args.n_test} held out",
+                ["task", "alone", "samples trained", "in the demo", "train s"], rows)
+
+
+if __name__ == "__main__":
+    main()
