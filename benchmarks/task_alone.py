@@ -3,13 +3,18 @@
 For every task named, a fresh adapter + LLM (the tiny recipe's shapes, init std 0.06) on the ViT of a finished demo
 run trains on that task's records only (the tiny world, `--n-train` records) for `--steps` steps of 2 x 512 tokens,
 as the recipe's VLM stages do, and is scored on `--n-test` held-out records with the demo's scorer. The table puts
-that next to the task's score in the demo run (`demo_report.json`) and to how many of the task's samples the run
-trained on: a task the model learns alone but not in the demo is short of samples in the mixture; one it does not
-learn alone either needs something else.
+that next to the task's score in the demo run (`demo_report.json`), with the number of samples the task-alone run
+trained on: a task the model learns alone but not in the demo is short of samples in the demo's mixture; one it
+does not learn alone either needs something else.
 
-Measured on the 2-core CPU (600 steps, the demo tower of seed 0, ~3.5 min per task; 400 held out):
-video_motion alone 0.91 after ~4,300 samples (demo 0.24 on ~750 samples of it across the VLM stages); vqa_spatial
-alone 0.34 after ~15,000 samples (demo 0.26): only the axis is learnt, never which side (right / below 0.00-0.12).
+Measured on the 2-core CPU (600 steps, the tower of the seed-0 demo, 3.5-4.5 min per task; 400 held out; the
+demo's own VLM stages give each scene task ~440 single-question samples):
+| task | alone | samples (alone) | in the demo |
+|---|---|---|---|
+| video_motion | 0.91 | 4,416 | 0.24 (~470 samples; with the recipe's motion group, ~1,600: 0.72) |
+| multi_change | 0.79 | 8,400 | 0.24 (~440 samples) |
+| vqa_spatial | 0.34 | 13,200 | 0.26 (the axis is learnt, the side never: "right" 0.00) |
+| chart | 0.27 | 16,748 | 0.18 |
 
 Run (after `make demo`): .venv/bin/python benchmarks/task_alone.py [--run runs/demo] [--tasks video_motion,...]
      [--steps 600]
