@@ -15,6 +15,8 @@ demo's own VLM stages give each scene task ~440 single-question samples):
 | multi_change | 0.79 | 8,400 | 0.24 (~440 samples) |
 | vqa_spatial | 0.34 | 13,200 | 0.26 (the axis is learnt, the side never: "right" 0.00) |
 | chart | 0.27 | 16,748 | 0.18 |
+| vqa_compare | 0.89 | 15,211 | 0.42 (~440 samples, plus its questions in ~5,100 scene drills) |
+| grounding | 0.35 | 7,200 | 0.28 |
 
 Run (after `make demo`): .venv/bin/python benchmarks/task_alone.py [--run runs/demo] [--tasks video_motion,...]
      [--steps 600]
