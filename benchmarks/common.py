@@ -43,6 +43,38 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
                                 (f"{x:.2f}" if isinstance(x, float) else str(x)) for x in r) + " |")
 
 
+def fresh_on_tower(tower: str, out: Path, std: float | None = None) -> Path:
+    """A model directory at `out`: the ViT of the model directory `tower`, adapter and LLM drawn afresh (seed 0;
+    LLM init std `std`, or the tower's config's), with the tower's processor and tokenizer."""
+    import dataclasses
+
+    from sailvl.data.processor import Processor
+    from sailvl.model.vlm import SailVL
+
+    base = SailVL.from_pretrained(tower, dtype=torch.float32)
+    cfg = base.config
+    if std is not None:
+        cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, initializer_range=std))
+    torch.manual_seed(0)
+    model = SailVL(cfg)
+    model.vision_model.load_state_dict(base.vision_model.state_dict())
+    model.save_pretrained(out)
+    Processor.from_pretrained(tower).save_pretrained(out, source_dir=tower)
+    return out
+
+
+def probe_run(name: str, train: Path, init: Path, work: Path, steps: int, optimizer: str = "adamw"):
+    """A one-stage sailvl RunConfig: adapter + LLM from `init` on the JSONL `train`, `steps` steps of 2 x 512
+    tokens as the tiny recipe's VLM stages take them (lr 1e-3, sqrt loss weighting), bf16, no checkpoints."""
+    from sailvl.train.stages import DataSpec, RunConfig, Stage
+
+    stage = Stage(name, steps, [DataSpec(str(train), 1.0, name)], lr={"adapter": 1e-3, "llm": 1e-3},
+                  trainable=["adapter", "llm"], max_len=512, rows_per_step=2, warmup_steps=10, schedule="constant",
+                  loss_weighting="sqrt", optimizer=optimizer)
+    return RunConfig(name=name, stages=[stage], out_dir=str(work), init=str(init), model=None, precision="bf16",
+                     checkpoint_every=10**9, log_every=10**9)
+
+
 def train_and_score(run, test: Path, out: Path, group_of) -> tuple[float, dict, float]:
     """Train `run` (a sailvl RunConfig), score its final model on the one-task JSONL `test` (per-item results to
     `out`) -> (accuracy, {group_of(record): mean score}, training seconds)."""

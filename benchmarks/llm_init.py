@@ -16,7 +16,6 @@ Run: .venv/bin/python benchmarks/llm_init.py [--tower runs/demo/01_vit_read/mode
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -24,11 +23,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table, train_and_score  # noqa: E402
+from benchmarks.common import fresh_on_tower, print_table, probe_run, train_and_score  # noqa: E402
 
 
 def where_records(n: int, seed: int, out: Path, split: str) -> None:
@@ -58,24 +56,8 @@ def where_records(n: int, seed: int, out: Path, split: str) -> None:
 
 
 def run_one(tower: str, std: float, data: Path, steps: int, work: Path) -> tuple[float, dict, float]:
-    from sailvl.data.processor import Processor
-    from sailvl.model.vlm import SailVL
-    from sailvl.train.stages import DataSpec, RunConfig, Stage
-
-    base = SailVL.from_pretrained(tower, dtype=torch.float32)
-    cfg = dataclasses.replace(base.config, llm_config=dataclasses.replace(base.config.llm_config,
-                                                                            initializer_range=std))
-    torch.manual_seed(0)
-    model = SailVL(cfg)  # adapter and LLM drawn with `std`, the tower copied
-    model.vision_model.load_state_dict(base.vision_model.state_dict())
-    init = work / f"init_{std}"
-    model.save_pretrained(init)
-    Processor.from_pretrained(tower).save_pretrained(init, source_dir=tower)
-    stage = Stage("where", steps, [DataSpec(str(data / "train.jsonl"), 1.0, "where")],
-                  lr={"adapter": 1e-3, "llm": 1e-3}, trainable=["adapter", "llm"], max_len=512, rows_per_step=2,
-                  warmup_steps=10, schedule="constant", loss_weighting="sqrt")
-    run = RunConfig(name=f"std_{std}", stages=[stage], out_dir=str(work), init=str(init), model=None,
-                    precision="bf16", checkpoint_every=10**9, log_every=10**9)
+    init = fresh_on_tower(tower, work / f"init_{std}", std=std)  # adapter and LLM drawn with `std`, the tower copied
+    run = probe_run(f"std_{std}", data / "train.jsonl", init, work, steps)
     return train_and_score(run, data / "test.jsonl", work / f"eval_{std}.jsonl", lambda r: r["objects"])
 
 

@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import compare, print_table, train_and_score  # noqa: E402
+from benchmarks.common import compare, fresh_on_tower, print_table, probe_run, train_and_score  # noqa: E402
 from benchmarks.llm_init import where_records  # noqa: E402
 
 
@@ -56,28 +56,14 @@ def step_times() -> None:
 
 
 def lookup(tower: str, steps: int) -> None:
-    from sailvl.data.processor import Processor
-    from sailvl.model.vlm import SailVL
-    from sailvl.train.stages import DataSpec, RunConfig, Stage
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         where_records(12000, 1, work / "data", "train")
         where_records(600, 2, work / "data", "test")
-        base = SailVL.from_pretrained(tower, dtype=torch.float32)
-        torch.manual_seed(0)
-        model = SailVL(base.config)  # adapter and LLM from random weights, the tower copied
-        model.vision_model.load_state_dict(base.vision_model.state_dict())
-        model.save_pretrained(work / "init")
-        Processor.from_pretrained(tower).save_pretrained(work / "init", source_dir=tower)
+        init = fresh_on_tower(tower, work / "init")  # adapter and LLM from random weights, the tower copied
 
         def run(optimizer: str, n: int) -> tuple[float, dict, float]:
-            stage = Stage("where", n, [DataSpec(str(work / "data" / "train.jsonl"), 1.0, "where")],
-                          lr={"adapter": 1e-3, "llm": 1e-3}, trainable=["adapter", "llm"], max_len=512,
-                          rows_per_step=2, warmup_steps=10, schedule="constant", loss_weighting="sqrt",
-                          optimizer=optimizer)
-            cfg = RunConfig(name=f"{optimizer}_{n}", stages=[stage], out_dir=str(work), init=str(work / "init"),
-                            model=None, precision="bf16", checkpoint_every=10**9, log_every=10**9)
+            cfg = probe_run(f"{optimizer}_{n}", work / "data" / "train.jsonl", init, work, n, optimizer=optimizer)
             return train_and_score(cfg, work / "data" / "test.jsonl", work / f"eval_{optimizer}_{n}.jsonl",
                                    lambda r: r["objects"])
 

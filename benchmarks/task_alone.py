@@ -25,43 +25,25 @@ Run (after `make demo`): .venv/bin/python benchmarks/task_alone.py [--run runs/d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import print_table, train_and_score  # noqa: E402
+from benchmarks.common import fresh_on_tower, print_table, probe_run, train_and_score  # noqa: E402
 
 
 def run_task(task: str, tower: str, steps: int, n_train: int, n_test: int, work: Path) -> tuple[float, float, int]:
-    from sailvl.data.processor import Processor
     from sailvl.data.synth import generate_splits
-    from sailvl.model.vlm import SailVL
     from sailvl.recipes.tiny import TINY_WORLD
-    from sailvl.train.stages import DataSpec, RunConfig, Stage
 
-    data = work / task / "data"
-    generate_splits(data, n_train, 0, n_test, seed=5, tasks=[task], world=TINY_WORLD)
-    base = SailVL.from_pretrained(tower, dtype=torch.float32)
-    cfg = dataclasses.replace(base.config, llm_config=dataclasses.replace(base.config.llm_config,
-                                                                            initializer_range=0.06))
-    torch.manual_seed(0)
-    model = SailVL(cfg)  # adapter and LLM fresh, the tower copied
-    model.vision_model.load_state_dict(base.vision_model.state_dict())
-    init = work / task / "init"
-    model.save_pretrained(init)
-    Processor.from_pretrained(tower).save_pretrained(init, source_dir=tower)
-    stage = Stage(task, steps, [DataSpec(str(data / "train.jsonl"), 1.0, task)],
-                  lr={"adapter": 1e-3, "llm": 1e-3}, trainable=["adapter", "llm"], max_len=512, rows_per_step=2,
-                  warmup_steps=10, schedule="constant", loss_weighting="sqrt", optimizer="muon")
-    run = RunConfig(name="run", stages=[stage], out_dir=str(work / task), init=str(init), model=None,
-                    precision="bf16", checkpoint_every=10**9, log_every=10**9)
-    acc, _, seconds = train_and_score(run, data / "test.jsonl", work / task / "eval.jsonl", lambda r: r["task"])
-    samples = sum(json.loads(x)["samples"] for x in (work / task / "run" / "metrics.jsonl").read_text().splitlines())
+    work = work / task
+    generate_splits(work / "data", n_train, 0, n_test, seed=5, tasks=[task], world=TINY_WORLD)
+    init = fresh_on_tower(tower, work / "init", std=0.06)
+    run = probe_run("run", work / "data" / "train.jsonl", init, work, steps, optimizer="muon")
+    acc, _, seconds = train_and_score(run, work / "data" / "test.jsonl", work / "eval.jsonl", lambda r: r["task"])
+    samples = sum(json.loads(x)["samples"] for x in (work / "run" / "metrics.jsonl").read_text().splitlines())
     return acc, seconds, samples
 
 
