@@ -23,8 +23,11 @@ from .recipes.tiny import TINY_WORLD, prepare_tiny, tiny
 
 
 def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, seed: int = 0,
-        resume: bool = False, procs: int = 1) -> dict:
-    """`procs` > 1: train under torchrun with that many processes (gloo, one thread each, the whole model on
+        resume: bool = False, procs: int = 1, minutes: float | None = 15.0) -> dict:
+    """`minutes` (not with `quick`): a wall-clock budget for the whole demo, data generation included. A ~3 s
+    speed probe and then the seconds each finished stage really took set every stage's steps as it starts
+    (`sailvl.train.budget`: scaled down, never up, from the recipe at `scale`); None or 0 runs the recipe as is.
+    `procs` > 1: train under torchrun with that many processes (gloo, one thread each, the whole model on
     each: parallel="ddp") on the same global batches. Default 1 (in this process): measured on this 2-core CPU
     (benchmarks/bench_parallel.py), 2 processes are 1.23x faster on the ViT stage but no faster on the VLM stages
     (1.01x: the step's gradient all-reduce and the ranks waiting for each other eat the gain)."""
@@ -42,7 +45,7 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     run_cfg = tiny(data_dir=str(data_dir), out_dir=str(out_dir), name=name, scale=0.01 if quick else scale)
     run_cfg.seed = seed
     timings = {}
-    t0 = time.perf_counter()
+    t0 = start = time.perf_counter()
     if quick:
         prepare_tiny(run_cfg, n_train=600, n_eval=76, seed=seed)
     else:  # the defaults, as `sailvl train tiny` prepares it: either command reuses what the other made
@@ -50,8 +53,9 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
     timings["data + tokenizer"] = time.perf_counter() - t0
     print(f"[demo] synthetic world and tokenizer ready in {timings['data + tokenizer']:.1f}s ({data_dir})")
 
+    budget = _budget(run_cfg, minutes, start, procs) if minutes and not quick else None
     t0 = time.perf_counter()
-    final = _train(run_cfg, resume, procs) if procs > 1 else Trainer(run_cfg, resume=resume).fit()
+    final = _train(run_cfg, resume, procs) if procs > 1 else Trainer(run_cfg, resume=resume, budget=budget).fit()
     timings["training"] = time.perf_counter() - t0
     stage_times = _stage_times(Path(run_cfg.run_dir))
 
@@ -80,14 +84,36 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
           f"       -> {boxed!r} (truth: {record_m['answer']!r})")
     print("\n[demo] time per part: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("[demo] time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in stage_times.items()))
+    if budget is not None:
+        print(f"[demo] total {time.perf_counter() - start:.0f}s of a {minutes:g}-minute budget; steps run per stage: "
+              + ", ".join(f"{k} {v['steps']}/{v['of']}" for k, v in budget.state["stages"].items()))
     print(f"[demo] model directory: {final}\n       chat with it:  sailvl.load('{final}').chat('image.png', 'What is it?')")
     summary = {"final_model": str(final), "accuracy": report["accuracy"], "tasks": report["tasks"],
-               "timings_s": timings, "stage_times_s": stage_times,
+               "timings_s": timings, "stage_times_s": stage_times, "total_s": time.perf_counter() - start,
+               "budget": None if budget is None else {"minutes": minutes, **budget.state},
                "chat": [{"question": question, "answer": answer, "truth": record["answer"]},
                         {"question": question_m, "thinking": thought, "answer": boxed,
                          "truth": record_m["answer"]}]}
     (Path(run_cfg.run_dir) / "demo_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _budget(run_cfg, minutes: float, start: float, procs: int):
+    """The demo's time budget: probes this machine's speed, prints the prediction. With several processes the
+    steps are scaled once, up front (the stages then run under torchrun, out of this process's reach)."""
+    from .recipes.tiny import TINY_REFERENCE
+    from .train.budget import Budget, speed_probe
+
+    path = Path(run_cfg.run_dir) / "budget.json"
+    budget = Budget(minutes * 60, TINY_REFERENCE, path, start, probe_s=speed_probe(run_cfg.model))
+    full = budget.predicted_s(run_cfg.stages)
+    print(f"[demo] time budget {minutes:g} min: this machine takes {budget.speed:.2f}x the reference's step time "
+          f"now; the recipe's training would take ~{full:.0f}s, {time.perf_counter() - start:.0f}s are spent; "
+          f"steps scaled by {budget.scale_for(run_cfg.stages, 0):.2f} for now (stages re-planned as they start)")
+    if procs > 1:
+        run_cfg.stages = budget.plan_all(run_cfg.stages)
+        return None
+    return budget
 
 
 def _train(run_cfg, resume: bool, procs: int) -> Path:

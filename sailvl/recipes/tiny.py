@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import LLMConfig, SailVLConfig, VisionConfig
 from ..data.synth.world import World
+from ..train.budget import Reference
 from ..train.stages import DataSpec, RunConfig, Stage
 
 GROUPS = {
@@ -152,6 +153,16 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     ]
     return RunConfig(name=name, model=tiny_model(), tokenizer=f"{data_dir}/tokenizer", out_dir=out_dir,
                      stages=stages, checkpoint_every=200, log_every=20, precision="bf16")
+
+
+# The time budget's reference (`sailvl demo --minutes`, sailvl.train.budget): seconds per step of each stage of the
+# recipe at scale 1, export included, and the speed probe, measured in one demo run on this 2-core CPU
+# (2026-12-03, a slow hour: training took 1,090 s; vit_dense took 197 s here and 103 s one morning).
+TINY_REFERENCE = Reference(
+    step_s={"vit_dense": 0.3287, "vit_read": 0.2630, "vit_warmup": 0.2109, "vit_finegrained": 0.3878,
+            "vit_world": 0.4016, "pretrain_basic": 0.2509, "pretrain_multitask": 0.3847, "sft": 0.3027,
+            "longcot_sft": 0.3616, "think_fusion_sft": 0.3287},
+    probe_s=0.22, other_s=25.0)
 
 
 def prepare_tiny(run: RunConfig, n_train: int = 48_000, n_eval: int = 950, seed: int = 0) -> None:

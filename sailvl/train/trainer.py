@@ -42,6 +42,7 @@ from ..data.tokenizer import load_tokenizer
 from ..distributed.checkpoint import gather_model, load_train_state, save_train_state
 from ..distributed.parallelize import parallelize
 from ..model.vlm import SailVL
+from .budget import Budget
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
 from .progress import Progress
 from .stages import RunConfig, Stage
@@ -61,12 +62,16 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, resume: bool = False, quiet: bool = False):
-        self.run, self.resume, self.quiet = run, resume, quiet
+    def __init__(self, run: RunConfig, resume: bool = False, quiet: bool = False, budget: Budget | None = None):
+        """`budget` (one process only): a `sailvl.train.budget.Budget` that sets each stage's steps as it starts,
+        so the run ends within a wall-clock budget."""
+        self.run, self.resume, self.quiet, self.budget = run, resume, quiet, budget
         self.dir = Path(run.run_dir)
         self.device = pick_device(run.device)
         D.init_from_env(self.device)
         self.rank, self.world = D.rank(), D.world_size()
+        if budget is not None and self.world > 1:
+            raise ValueError("a time budget needs a single-process run (every rank must take the same steps)")
         self.metrics_path = self.dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------------------------------ run
@@ -85,6 +90,10 @@ class Trainer:
                 final = export
                 self._say(f"stage {stage.name}: already done ({export})")
                 continue
+            if self.budget is not None:
+                stage = self.run.stages[si] = self.budget.stage(self.run.stages, si)
+                self._say(f"stage {stage.name}: {stage.steps} steps under the time budget "
+                          f"(recipe: {self.budget.state['stages'][stage.name]['of']})")
             model = self._stage_model(stage, model)
             t0 = time.perf_counter()
             if stage.kind == "vision":

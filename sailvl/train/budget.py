@@ -1,0 +1,164 @@
+"""A wall-clock budget for a run: how many of its recipe's steps fit in the minutes left on this machine today.
+
+This 2-core CPU runs the same steps 1.4-1.7x slower in some hours than in others (the tiny demo's SAIL-ViT stage
+took 103 s one morning and 171 s that afternoon). A fixed recipe is then either over a time budget in slow hours
+or smaller than it needs to be in fast ones. `Budget` instead scales every stage's steps by one factor:
+
+  - before training, `speed_probe` times a few training steps of a fresh model of the run's shape on synthetic
+    packed rows (~3 s); its ratio to the probe time measured alongside the reference stage times (`reference`)
+    predicts each stage's seconds here, today, and sets the scale that fits the budget (never above 1: the
+    recipe is the most it runs);
+  - as each stage starts, the scale for the stages left is recomputed from the seconds the finished ones really
+    took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
+  - every decision is written to `budget.json` in the run directory, so `--resume` re-runs the same steps.
+
+Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..config import SailVLConfig
+from .stages import Stage
+
+
+def speed_probe(model_cfg: SailVLConfig, steps: int = 4, repeats: int = 3, rows: int = 2, row_len: int = 512,
+                images: int = 18, seed: int = 0) -> float:
+    """Seconds per training step (forward, backward, AdamW; bf16 autocast on CPU) of a fresh model of this
+    shape on random packed rows with `images` tiles: the fastest of `repeats` blocks of `steps` steps after two
+    warm-up steps (this VM's speed wanders within seconds; the fastest block is the steadiest measure). A
+    measure of this machine's speed now, comparable across runs of the same model shape."""
+    from ..model.vlm import SailVL
+
+    model_cfg = copy.deepcopy(model_cfg)  # the caller's config stays as it is (the probe sets an image token id)
+    gen = torch.Generator().manual_seed(seed)
+    model = SailVL(model_cfg)
+    model.train()
+    v, llm = model_cfg.vision_config, model_cfg.llm_config
+    per_tile = (v.image_size // v.patch_size // 2) ** 2  # after the 2x2 pixel shuffle
+    ids = torch.randint(16, llm.vocab_size, (rows, row_len), generator=gen)
+    # samples of 64 tokens; the first `images` of them start with one tile each
+    img_id = model_cfg.img_context_token_id if model_cfg.img_context_token_id is not None else 1
+    seg = 64
+    for i in range(min(images, rows * (row_len // seg))):
+        r, k = divmod(i, row_len // seg)
+        ids[r, k * seg + 2: k * seg + 2 + per_tile] = img_id
+    model_cfg.img_context_token_id = img_id
+    n_tiles = int((ids == img_id).sum()) // per_tile
+    pixels = torch.rand(n_tiles, 3, v.image_size, v.image_size, generator=gen)
+    pos = torch.arange(seg).repeat(rows * row_len // seg).view(rows, row_len)
+    cu = torch.arange(0, rows * row_len + 1, seg, dtype=torch.int32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def step() -> None:
+        with autocast:
+            out = model(ids, pixel_values=pixels, position_ids=pos, cu_seqlens=cu, max_seqlen=seg,
+                        compute_logits=False)
+            ce, _ = model.labelled_token_losses(out.hidden, ids, cu)
+        ce.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+@dataclass
+class Reference:
+    """What one run of the recipe took on this machine: seconds per step of each stage (by name, export and
+    loader start-up included), `speed_probe` seconds measured in the same run, and the seconds after training
+    that a budget must leave room for (loading the model, evaluation, chat)."""
+
+    step_s: dict[str, float]
+    probe_s: float
+    other_s: float = 25.0
+    margin: float = 0.97  # aim at this fraction of the budget: the prediction is a few percent off at times
+
+
+class Budget:
+    """Scales the stages of a run to end within `seconds` of wall time counted from `start` (a
+    `time.perf_counter()` value); see the module doc. `path` keeps the decisions (budget.json)."""
+
+    def __init__(self, seconds: float, reference: Reference, path: Path, start: float, probe_s: float | None = None):
+        if seconds <= 0:
+            raise ValueError(f"a budget must be > 0 seconds, got {seconds}")
+        self.seconds, self.ref, self.path, self.start = seconds, reference, Path(path), start
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if "probe_s" not in self.state:
+            self.state["probe_s"] = probe_s if probe_s is not None else reference.probe_s
+        self.state.setdefault("seconds", seconds)
+        self.state.setdefault("stages", {})
+        self._done: list[tuple[str, float, int]] = []  # (stage, seconds it took here, steps it ran) this process
+        self._stage_t0: float | None = None
+        self._current: tuple[str, int] | None = None
+
+    @property
+    def speed(self) -> float:
+        """How much slower than the reference this machine is now (> 1: slower): from the stages finished in this
+        process when there are any, else from the probe."""
+        done = [(s, t, n) for s, t, n in self._done if self.ref.step_s.get(s)]
+        if done:
+            ref = sum(self.ref.step_s[s] * n for s, _, n in done)
+            return sum(t for _, t, _ in done) / max(ref, 1e-9)
+        return self.state["probe_s"] / self.ref.probe_s
+
+    def predicted_s(self, stages: list[Stage]) -> float:
+        """Seconds these stages would take here now at their full step counts."""
+        return sum(s.steps * self.ref.step_s.get(s.name, 0.0) for s in stages) * self.speed
+
+    def scale_for(self, stages: list[Stage], si: int) -> float:
+        """The factor for stage si and the ones after it: the time left (less the room for what follows training)
+        over their predicted time at full size, at most 1."""
+        left = self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
+        rest = self.predicted_s(stages[si:])
+        return max(0.0, min(1.0, left / rest)) if rest > 0 else 1.0
+
+    def stage(self, stages: list[Stage], si: int) -> Stage:
+        """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
+        self._finish()
+        stage = stages[si]
+        if stage.name in self.state["stages"]:
+            steps = int(self.state["stages"][stage.name]["steps"])
+        else:
+            scale = self.scale_for(stages, si)
+            steps = max(1, round(stage.steps * scale))
+            self.state["stages"][stage.name] = {"steps": steps, "of": stage.steps, "scale": round(scale, 4)}
+            self._save()
+        self._stage_t0, self._current = time.perf_counter(), (stage.name, steps)
+        return replace(stage, steps=steps)
+
+    def plan_all(self, stages: list[Stage]) -> list[Stage]:
+        """Every stage scaled by one factor now (for runs this process cannot follow stage by stage, e.g. under
+        torchrun), recorded like `stage` records them."""
+        scale = self.scale_for(stages, 0)
+        for s in stages:
+            self.state["stages"].setdefault(s.name, {"steps": max(1, round(s.steps * scale)), "of": s.steps,
+                                                     "scale": round(scale, 4)})
+        self._save()
+        return [replace(s, steps=int(self.state["stages"][s.name]["steps"])) for s in stages]
+
+    def _finish(self) -> None:
+        if self._current is not None and self._stage_t0 is not None:
+            self._done.append((self._current[0], time.perf_counter() - self._stage_t0, self._current[1]))
+        self._current = None
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.path)

@@ -1,0 +1,96 @@
+"""The wall-clock budget: the speed probe, the scale it sets, re-planning from real stage times, resume, and the
+trainer running the budgeted step counts."""
+
+import json
+import math
+import time
+
+import pytest
+
+from sailvl.config import tiny_config
+from sailvl.train.budget import Budget, Reference, speed_probe
+from sailvl.train.stages import DataSpec, Stage
+from sailvl.train.trainer import Trainer
+from tests.test_train import losses, make_run, world  # noqa: F401  (the fixture)
+
+
+def stages(**steps: int) -> list[Stage]:
+    return [Stage(name, n, [DataSpec("unused.jsonl")]) for name, n in steps.items()]
+
+
+REF = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0)
+
+
+def budget_at(tmp_path, seconds: float, elapsed: float, probe_s: float, ref: Reference = REF) -> Budget:
+    return Budget(seconds, ref, tmp_path / "budget.json", start=time.perf_counter() - elapsed, probe_s=probe_s)
+
+
+def test_speed_probe_times_training_steps():
+    cfg = tiny_config(vocab_size=300)
+    before = cfg.to_dict()
+    t = speed_probe(cfg, steps=1, repeats=1, rows=1, row_len=128, images=2)
+    assert math.isfinite(t) and t > 0
+    assert cfg.to_dict() == before  # the run's config is not touched (it once set the image token id)
+
+
+def test_the_probe_sets_the_first_scale(tmp_path):
+    s = stages(a=100, b=50)  # 100 * 1 + 50 * 2 = 200 s at the reference's speed
+    b = budget_at(tmp_path, 310, elapsed=100, probe_s=2.0)  # twice as slow: 400 s predicted, 200 s left
+    assert b.speed == pytest.approx(2.0)
+    assert b.predicted_s(s) == pytest.approx(400)
+    assert b.scale_for(s, 0) == pytest.approx(0.5, abs=1e-3)
+    first = b.stage(s, 0)
+    assert first.steps == 50 and first.name == "a" and s[0].steps == 100  # a copy; the recipe is untouched
+    assert json.loads((tmp_path / "budget.json").read_text())["stages"]["a"] == {"steps": 50, "of": 100, "scale": 0.5}
+
+
+def test_never_scales_up_and_never_below_one_step(tmp_path):
+    s = stages(a=100, b=50)
+    assert budget_at(tmp_path, 10_000, elapsed=0, probe_s=1.0).stage(s, 0).steps == 100
+    assert budget_at(tmp_path / "x", 20, elapsed=30, probe_s=1.0).stage(s, 0).steps == 1  # already over: 1 step
+    with pytest.raises(ValueError, match="> 0 seconds"):
+        Budget(0, REF, tmp_path / "y.json", start=0.0)
+
+
+def test_later_stages_are_replanned_from_the_real_stage_times(tmp_path):
+    s = stages(a=100, b=50)
+    b = budget_at(tmp_path, 310, elapsed=100, probe_s=2.0)
+    b.stage(s, 0)  # 50 steps of a, predicted 100 s at the probe's speed ...
+    b._stage_t0 = time.perf_counter() - 25.0  # ... but they took 25 s: the machine runs at half the reference
+    b.start = time.perf_counter() - 125.0
+    assert b.stage(s, 1).steps == 50  # 175 s left, b predicted at 50 s: the whole recipe
+    assert b.speed == pytest.approx(0.5, rel=1e-3)
+    b2 = budget_at(tmp_path / "slow", 310, elapsed=100, probe_s=2.0)
+    b2.stage(s, 0)
+    b2._stage_t0 = time.perf_counter() - 150.0  # 3x the reference: b (100 s at the reference) gets 50 s left
+    b2.start = time.perf_counter() - 250.0
+    assert b2.stage(s, 1).steps == round(50 * 50 / 300)
+
+
+def test_resume_reuses_the_recorded_steps(tmp_path):
+    s = stages(a=100, b=50)
+    b = budget_at(tmp_path, 310, elapsed=100, probe_s=2.0)
+    assert b.stage(s, 0).steps == 50
+    again = budget_at(tmp_path, 310, elapsed=0, probe_s=0.1)  # a fresh process, faster: a keeps its 50 steps
+    assert again.state["probe_s"] == 2.0 and again.stage(s, 0).steps == 50
+    assert again.stage(s, 1).steps == 50  # b was never planned: planned now, from this process's clock
+
+
+def test_plan_all_uses_one_factor(tmp_path):
+    planned = budget_at(tmp_path, 310, elapsed=100, probe_s=2.0).plan_all(stages(a=100, b=50))
+    assert [p.steps for p in planned] == [50, 25]
+
+
+def test_trainer_runs_the_budgeted_steps(world, tmp_path):  # noqa: F811
+    run = make_run(world, tmp_path)  # stages warm (3 steps) and all (5 steps)
+    ref = Reference(step_s={"warm": 10.0, "all": 10.0}, probe_s=1.0, other_s=0.0, margin=1.0)
+    budget = Budget(50.0, ref, tmp_path / "t" / "budget.json", start=time.perf_counter(), probe_s=1.0)
+    Trainer(run, quiet=True, budget=budget).fit()  # 8 steps predicted at 10 s each, 50 s of budget
+    steps = {}
+    for stage, i, _ in losses(tmp_path / "t"):
+        steps[stage] = i
+    planned = json.loads((tmp_path / "t" / "budget.json").read_text())["stages"]
+    assert steps == {"warm": planned["warm"]["steps"], "all": planned["all"]["steps"]}
+    assert planned["warm"]["steps"] == 2 and planned["warm"]["of"] == 3 and 0.55 < planned["warm"]["scale"] <= 0.625
+    # the warm stage took about a second, not 20 s: re-planned from that, "all" runs whole
+    assert planned["all"]["steps"] == 5
