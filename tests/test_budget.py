@@ -74,6 +74,7 @@ def test_resume_reuses_the_recorded_steps(tmp_path):
     again = budget_at(tmp_path, 310, elapsed=0, probe_s=0.1)  # a fresh process, faster: a keeps its 50 steps
     assert again.state["probe_s"] == 2.0 and again.stage(s, 0).steps == 50
     assert again.stage(s, 1).steps == 50  # b was never planned: planned now, from this process's clock
+    assert again.speed == pytest.approx(2.0)  # a resumed stage's time is no measure of speed: the recorded probe's
 
 
 def test_plan_all_uses_one_factor(tmp_path):

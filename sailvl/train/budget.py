@@ -1,18 +1,19 @@
 """A wall-clock budget for a run: how many of its recipe's steps fit in the minutes left on this machine today.
 
-This 2-core CPU runs the same steps 1.4-1.7x slower in some hours than in others (the tiny demo's SAIL-ViT stage
-took 103 s one morning and 171 s that afternoon). A fixed recipe is then either over a time budget in slow hours
-or smaller than it needs to be in fast ones. `Budget` instead scales every stage's steps by one factor:
+This 2-core CPU runs the same steps up to ~1.9x slower in some hours than in others (the tiny demo's SAIL-ViT stage
+took 103 s one morning and 197 s another afternoon). A fixed recipe is then either over a time budget in slow hours
+or smaller than it needs to be in fast ones. `Budget` instead scales the stages' steps down to fit:
 
   - before training, `speed_probe` times a few training steps of a fresh model of the run's shape on synthetic
-    packed rows (~3 s); its ratio to the probe time measured alongside the reference stage times (`reference`)
+    packed rows (~4 s); its ratio to the probe time measured alongside the reference stage times (`reference`)
     predicts each stage's seconds here, today, and sets the scale that fits the budget (never above 1: the
     recipe is the most it runs);
-  - as each stage starts, the scale for the stages left is recomputed from the seconds the finished ones really
+  - as each stage starts, the one factor for the stages left is recomputed from the seconds the finished ones really
     took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
   - every decision is written to `budget.json` in the run directory, so `--resume` re-runs the same steps.
 
-Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one.
+Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one. Spreading the
+cut over every stage alike did better on the tiny demo than sparing either the SAIL-ViT or the VLM stages (README).
 """
 
 from __future__ import annotations
@@ -132,13 +133,14 @@ class Budget:
         """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
         self._finish()
         stage = stages[si]
-        if stage.name in self.state["stages"]:
-            steps = int(self.state["stages"][stage.name]["steps"])
-        else:
-            scale = self.scale_for(stages, si)
-            steps = max(1, round(stage.steps * scale))
-            self.state["stages"][stage.name] = {"steps": steps, "of": stage.steps, "scale": round(scale, 4)}
-            self._save()
+        if stage.name in self.state["stages"]:  # planned by an earlier process: may resume part-way, so its time
+            steps = int(self.state["stages"][stage.name]["steps"])  # here says nothing about the speed
+            self._stage_t0, self._current = None, None
+            return replace(stage, steps=steps)
+        scale = self.scale_for(stages, si)
+        steps = max(1, round(stage.steps * scale))
+        self.state["stages"][stage.name] = {"steps": steps, "of": stage.steps, "scale": round(scale, 4)}
+        self._save()
         self._stage_t0, self._current = time.perf_counter(), (stage.name, steps)
         return replace(stage, steps=steps)
 
