@@ -95,3 +95,12 @@ def test_trainer_runs_the_budgeted_steps(world, tmp_path):  # noqa: F811
     assert planned["warm"]["steps"] == 2 and planned["warm"]["of"] == 3 and 0.55 < planned["warm"]["scale"] <= 0.625
     # the warm stage took about a second, not 20 s: re-planned from that, "all" runs whole
     assert planned["all"]["steps"] == 5
+
+
+def test_kept_stages_are_planned_whole_while_the_others_absorb_the_cut(tmp_path):
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, keep=("b",))
+    s = stages(a=100, b=50)  # at speed 2: a 200 s, b 200 s; 300 s left
+    b = budget_at(tmp_path, 310, elapsed=0, probe_s=2.0, ref=ref)
+    assert b.scale_for(s, 0) == pytest.approx(0.5, abs=1e-3)  # a takes the whole cut (uniform would be 0.75)
+    assert b.stage(s, 0).steps == 50
+    assert budget_at(tmp_path / "all", 310, elapsed=0, probe_s=2.0, ref=ref).plan_all(s)[1].steps == 50

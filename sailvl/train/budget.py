@@ -89,6 +89,8 @@ class Reference:
     probe_s: float
     other_s: float = 25.0
     margin: float = 0.97  # aim at this fraction of the budget: the prediction is a few percent off at times
+    # stages planned whole while the others can absorb the cut (short ones worth more per second than the rest)
+    keep: tuple[str, ...] = ()
 
 
 class Budget:
@@ -124,10 +126,16 @@ class Budget:
 
     def scale_for(self, stages: list[Stage], si: int) -> float:
         """The factor for stage si and the ones after it: the time left (less the room for what follows training)
-        over their predicted time at full size, at most 1."""
+        over their predicted time at full size, at most 1; stages in `reference.keep` count at full size and the
+        others share what is left (a kept stage itself gets the factor of all stages left)."""
         left = self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
-        rest = self.predicted_s(stages[si:])
-        return max(0.0, min(1.0, left / rest)) if rest > 0 else 1.0
+        rest = stages[si:]
+        others = [s for s in rest if s.name not in self.ref.keep]
+        if stages[si].name not in self.ref.keep and others != rest:  # the kept stages' time first
+            left -= self.predicted_s([s for s in rest if s.name in self.ref.keep])
+            rest = others
+        need = self.predicted_s(rest)
+        return max(0.0, min(1.0, left / need)) if need > 0 else 1.0
 
     def stage(self, stages: list[Stage], si: int) -> Stage:
         """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
@@ -149,8 +157,9 @@ class Budget:
         torchrun), recorded like `stage` records them."""
         scale = self.scale_for(stages, 0)
         for s in stages:
-            self.state["stages"].setdefault(s.name, {"steps": max(1, round(s.steps * scale)), "of": s.steps,
-                                                     "scale": round(scale, 4)})
+            f = 1.0 if s.name in self.ref.keep and scale > 0 else scale
+            self.state["stages"].setdefault(s.name, {"steps": max(1, round(s.steps * f)), "of": s.steps,
+                                                     "scale": round(f, 4)})
         self._save()
         return [replace(s, steps=int(self.state["stages"][s.name]["steps"])) for s in stages]
 
