@@ -24,7 +24,7 @@ from .recipes.tiny import TINY_WORLD, prepare_tiny, tiny
 
 def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, seed: int = 0,
         resume: bool = False, procs: int = 1, minutes: float | None = 15.0) -> dict:
-    """`minutes` (not with `quick`): a wall-clock budget for the whole demo, data generation included. A ~3 s
+    """`minutes` (not with `quick`): a wall-clock budget for the whole demo, data generation included. A ~4 s
     speed probe and then the seconds each finished stage really took set every stage's steps as it starts
     (`sailvl.train.budget`: scaled down, never up, from the recipe at `scale`); None or 0 runs the recipe as is.
     `procs` > 1: train under torchrun with that many processes (gloo, one thread each, the whole model on

@@ -56,13 +56,13 @@ def test_later_stages_are_replanned_from_the_real_stage_times(tmp_path):
     s = stages(a=100, b=50)
     b = budget_at(tmp_path, 310, elapsed=100, probe_s=2.0)
     b.stage(s, 0)  # 50 steps of a, predicted 100 s at the probe's speed ...
-    b._stage_t0 = time.perf_counter() - 25.0  # ... but they took 25 s: the machine runs at half the reference
+    b._running = ("a", 50, time.perf_counter() - 25.0)  # ... but they took 25 s: the machine runs at half the reference
     b.start = time.perf_counter() - 125.0
     assert b.stage(s, 1).steps == 50  # 175 s left, b predicted at 50 s: the whole recipe
     assert b.speed == pytest.approx(0.5, rel=1e-3)
     b2 = budget_at(tmp_path / "slow", 310, elapsed=100, probe_s=2.0)
     b2.stage(s, 0)
-    b2._stage_t0 = time.perf_counter() - 150.0  # 3x the reference: b (100 s at the reference) gets 50 s left
+    b2._running = ("a", 50, time.perf_counter() - 150.0)  # 3x the reference: b (100 s at the reference) gets 50 s left
     b2.start = time.perf_counter() - 250.0
     assert b2.stage(s, 1).steps == round(50 * 50 / 300)
 

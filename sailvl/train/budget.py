@@ -12,8 +12,10 @@ or smaller than it needs to be in fast ones. `Budget` instead scales the stages'
     took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
   - every decision is written to `budget.json` in the run directory, so `--resume` re-runs the same steps.
 
-Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one. Spreading the
-cut over every stage alike did better on the tiny demo than sparing either the SAIL-ViT or the VLM stages (README).
+Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one. Stages named in
+`Reference.keep` are planned whole while the others can absorb the cut (on the tiny demo, the short thinking stages:
+squeezed, math_cot fell 0.82 -> 0.08); among the others one factor did better than sparing either the SAIL-ViT or
+the VLM stages (README, session 15).
 """
 
 from __future__ import annotations
@@ -107,8 +109,7 @@ class Budget:
         self.state.setdefault("seconds", seconds)
         self.state.setdefault("stages", {})
         self._done: list[tuple[str, float, int]] = []  # (stage, seconds it took here, steps it ran) this process
-        self._stage_t0: float | None = None
-        self._current: tuple[str, int] | None = None
+        self._running: tuple[str, int, float] | None = None  # (stage, steps, perf_counter at its start)
 
     @property
     def speed(self) -> float:
@@ -139,22 +140,23 @@ class Budget:
 
     def stage(self, stages: list[Stage], si: int) -> Stage:
         """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
-        self._finish()
+        if self._running is not None:
+            name, steps, t0 = self._running
+            self._done.append((name, time.perf_counter() - t0, steps))
+            self._running = None
         stage = stages[si]
         if stage.name in self.state["stages"]:  # planned by an earlier process: may resume part-way, so its time
-            steps = int(self.state["stages"][stage.name]["steps"])  # here says nothing about the speed
-            self._stage_t0, self._current = None, None
-            return replace(stage, steps=steps)
+            return replace(stage, steps=int(self.state["stages"][stage.name]["steps"]))  # is no measure of speed
         scale = self.scale_for(stages, si)
         steps = max(1, round(stage.steps * scale))
         self.state["stages"][stage.name] = {"steps": steps, "of": stage.steps, "scale": round(scale, 4)}
         self._save()
-        self._stage_t0, self._current = time.perf_counter(), (stage.name, steps)
+        self._running = (stage.name, steps, time.perf_counter())
         return replace(stage, steps=steps)
 
     def plan_all(self, stages: list[Stage]) -> list[Stage]:
-        """Every stage scaled by one factor now (for runs this process cannot follow stage by stage, e.g. under
-        torchrun), recorded like `stage` records them."""
+        """Every stage planned now (for runs this process cannot follow stage by stage, e.g. under torchrun): the
+        kept stages whole, the others by one factor; recorded like `stage` records them."""
         scale = self.scale_for(stages, 0)
         for s in stages:
             f = 1.0 if s.name in self.ref.keep and scale > 0 else scale
@@ -162,11 +164,6 @@ class Budget:
                                                      "scale": round(f, 4)})
         self._save()
         return [replace(s, steps=int(self.state["stages"][s.name]["steps"])) for s in stages]
-
-    def _finish(self) -> None:
-        if self._current is not None and self._stage_t0 is not None:
-            self._done.append((self._current[0], time.perf_counter() - self._stage_t0, self._current[1]))
-        self._current = None
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
