@@ -180,8 +180,14 @@ class SailVLConfig:
     max_dynamic_patch: int = 10
     img_context_token_id: int | None = None
     torch_dtype: str = "float32"
+    # sailvl's own option, not in SAIL-VL2 (0 = off, the published models): add a fixed 2-D code of each visual
+    # token's place to the adapter's output, at this share of the token's RMS (sailvl.model.adapter.adapt). The
+    # tiny recipe's from-scratch tower does not tell the LLM where things are; SAIL-VL2's pretrained one does.
+    visual_position_code: float = 0.0
 
     def __post_init__(self):
+        if self.visual_position_code < 0:
+            raise ValueError(f"visual_position_code must be >= 0, got {self.visual_position_code}")
         if self.downsample_ratio != 0.5:
             raise ValueError(f"only downsample_ratio 0.5 (2x2 pixel shuffle) is supported, got {self.downsample_ratio}")
         if self.ps_version != "v2":

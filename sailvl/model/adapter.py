@@ -5,8 +5,13 @@ Letters: N images, h/w patch grid, D ViT width, E LLM width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+# frequencies per axis of the visual position code (`position_code`)
+POSITION_FREQS = 8
 
 
 def pixel_shuffle(x_NhwD: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
@@ -30,11 +35,38 @@ def make_mlp1(vit_width: int, llm_width: int, scale: float = 0.5) -> nn.Sequenti
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
 
 
-def adapt(mlp1: nn.Sequential, feats_NTD: torch.Tensor, grid: tuple[int, int], scale: float = 0.5) -> torch.Tensor:
-    """ViT features of N same-grid images [N, h*w, D] -> LLM tokens [N, h*w*scale^2, E]."""
+def position_code(h: int, w: int, width: int, freqs: int = POSITION_FREQS) -> torch.Tensor:
+    """[h*w, width] fixed 2-D code of each token's place in its (h x w) grid, row-major: sin and cos of the row
+    and of the column at `freqs` frequencies each (k * pi / 2 per grid height / width, k = 1..freqs: fractions
+    of the image, so grids of any size share one scale) in the first 4 * freqs channels, zeros after, scaled to
+    unit RMS over `width`."""
+    n = 4 * freqs
+    if width < n:
+        raise ValueError(f"the visual position code needs an LLM width >= {n}, got {width}")
+    k = torch.arange(1, freqs + 1, dtype=torch.float32) * math.pi / 2
+    r = (torch.arange(h, dtype=torch.float32) / h).repeat_interleave(w)[:, None] * k
+    c = (torch.arange(w, dtype=torch.float32) / w).repeat(h)[:, None] * k
+    code = torch.zeros(h * w, width)
+    code[:, :n] = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)
+    return code * math.sqrt(width / n) / math.sqrt(0.5)  # sin^2 + cos^2 = 1 per pair: mean square 0.5 per channel
+
+
+def adapt(mlp1: nn.Sequential, feats_NTD: torch.Tensor, grid: tuple[int, int], scale: float = 0.5,
+          position: float = 0.0) -> torch.Tensor:
+    """ViT features of N same-grid images [N, h*w, D] -> LLM tokens [N, h*w*scale^2, E].
+
+    `position` > 0 adds `position_code` of each token's place in the shuffled grid, times `position` and the
+    token's own RMS (so the code keeps its share of the token whatever scale the adapter learns). SAIL-VL2 has
+    no such code (0, the default): its pretrained tower's features already say where each patch is, while a
+    tower trained from scratch for minutes does not (SailVLConfig.visual_position_code)."""
     N, T, D = feats_NTD.shape
     h, w = grid
     if h * w != T:
         raise ValueError(f"{T} tokens do not form a {h}x{w} grid")
     x = pixel_shuffle(feats_NTD.reshape(N, h, w, D), scale)
-    return mlp1(x.reshape(N, -1, x.shape[-1]))
+    out = mlp1(x.reshape(N, -1, x.shape[-1]))
+    if position:
+        code = position_code(x.shape[1], x.shape[2], out.shape[-1]).to(out.device, out.dtype)
+        rms = out.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
+        out = out + position * rms * code
+    return out

@@ -88,6 +88,7 @@ class SailVL(nn.Module):
 
         pixel_values: [N, C, H, W] tiles of one size, or (native-resolution ViT) a list of [C, H_i, W_i]."""
         vit, sel, ratio = self.vision_model, self.config.select_layer, self.config.downsample_ratio
+        pos = self.config.visual_position_code
         p = self.config.vision_config.patch_size
         dtype = self.mlp1[1].weight.dtype
         if isinstance(pixel_values, torch.Tensor):
@@ -95,11 +96,11 @@ class SailVL(nn.Module):
                 raise ValueError(f"pixel_values must be [N, C, H, W], got shape {tuple(pixel_values.shape)}")
             feats = vit(pixel_values.to(dtype), select_layer=sel)
             grid = (pixel_values.shape[2] // p, pixel_values.shape[3] // p)
-            return adapt(self.mlp1, feats, grid, ratio).reshape(-1, self.config.llm_config.hidden_size)
+            return adapt(self.mlp1, feats, grid, ratio, pos).reshape(-1, self.config.llm_config.hidden_size)
         feats_PD, grids = vit.forward_packed([img.to(dtype) for img in pixel_values], select_layer=sel)
         out, start = [], 0
         for h, w in grids:
-            out.append(adapt(self.mlp1, feats_PD[start:start + h * w][None], (h, w), ratio)[0])
+            out.append(adapt(self.mlp1, feats_PD[start:start + h * w][None], (h, w), ratio, pos)[0])
             start += h * w
         return torch.cat(out)
 

@@ -1,0 +1,70 @@
+"""Does the LLM find where a named object is sooner with the visual position code (SailVLConfig.visual_position_code)?
+
+The lookup every question about places needs: "Where is the <shape>?" about a tiny-world scene of 1-3 objects
+(benchmarks/llm_init.py's records), answered with the captions' 3 x 3 position words. The ViT is a trained
+tower (frozen; the demo's by default: run `make demo` first); adapter and LLM start from the same random weights
+(init std 0.06) and train the same steps on the same data with Muon, once per code share (0 = SAIL-VL2's adapter).
+Held-out accuracy overall and by number of objects; ratios against the first share.
+
+Measured on the 2-core CPU: see the README's benchmark table.
+
+Run: .venv/bin/python benchmarks/visual_position.py [--tower runs/demo/01_vit_read/model] [--steps 800]
+     [--codes 0,0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import fresh_on_tower, print_table, probe_run, train_and_score  # noqa: E402
+from benchmarks.llm_init import where_records  # noqa: E402
+
+
+def run_one(tower: str, code: float, data: Path, steps: int, work: Path) -> tuple[float, dict, float]:
+    from sailvl.config import SailVLConfig
+
+    init = fresh_on_tower(tower, work / f"init_{code}", std=0.06)
+    cfg = SailVLConfig.load(init / "config.json")
+    dataclasses.replace(cfg, visual_position_code=code).save(init / "config.json")  # no weights of its own
+    run = probe_run(f"code_{code}", data / "train.jsonl", init, work, steps, optimizer="muon")
+    return train_and_score(run, data / "test.jsonl", work / f"eval_{code}.jsonl", lambda r: r["objects"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tower", default="runs/demo/01_vit_read/model", help="a model directory whose ViT is used")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--codes", default="0,0.7", help="code shares to compare (0 = no code)")
+    ap.add_argument("--n-train", type=int, default=12000)
+    ap.add_argument("--n-test", type=int, default=600)
+    args = ap.parse_args()
+    if not (Path(args.tower) / "config.json").exists():
+        raise SystemExit(f"no model directory at {args.tower}: run `make demo` first or pass --tower")
+    from sailvl.cli import _tune_malloc
+
+    _tune_malloc()
+    codes = [float(c) for c in args.codes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        where_records(args.n_train, 1, work / "data", "train")
+        where_records(args.n_test, 2, work / "data", "test")
+        rows, ref = [], None
+        for code in codes:
+            acc, by_n, seconds = run_one(args.tower, code, work / "data", args.steps, work)
+            ref = acc if ref is None else ref
+            rows.append([f"{code:g}", f"{acc:.3f}", *(f"{by_n.get(n, float('nan')):.2f}" for n in (1, 2, 3)),
+                         f"{seconds:.0f}", f"{acc / max(ref, 1e-9):.2f}x"])
+            print(rows[-1], flush=True)
+    print_table(f"'Where is the <shape>?' after {args.steps} steps of 2 x 512 tokens (Muon), {args.n_test} held out",
+                ["position code", "held-out", "1 object", "2 objects", "3 objects", "train s", f"vs {codes[0]:g}"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
