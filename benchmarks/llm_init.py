@@ -61,6 +61,29 @@ def run_one(tower: str, std: float, data: Path, steps: int, work: Path) -> tuple
     return train_and_score(run, data / "test.jsonl", work / f"eval_{std}.jsonl", lambda r: r["objects"])
 
 
+def where_benchmark(args, values: list[float], run_one, name: str, title: str) -> None:
+    """Train `run_one(tower, value, data, steps, work)` on the same "where" records for each value and print the
+    held-out accuracy overall and by number of objects, with ratios against the first value."""
+    if not (Path(args.tower) / "config.json").exists():
+        raise SystemExit(f"no model directory at {args.tower}: run `make demo` first or pass --tower")
+    from sailvl.cli import _tune_malloc
+
+    _tune_malloc()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        where_records(args.n_train, 1, work / "data", "train")
+        where_records(args.n_test, 2, work / "data", "test")
+        rows, ref = [], None
+        for value in values:
+            acc, by_n, seconds = run_one(args.tower, value, work / "data", args.steps, work)
+            ref = acc if ref is None else ref
+            rows.append([f"{value:g}", f"{acc:.3f}", *(f"{by_n.get(n, float('nan')):.2f}" for n in (1, 2, 3)),
+                         f"{seconds:.0f}", f"{acc / max(ref, 1e-9):.2f}x"])
+            print(rows[-1], flush=True)
+    print_table(f"'Where is the <shape>?' after {args.steps} steps of 2 x 512 tokens{title}, {args.n_test} held out",
+                [name, "held-out", "1 object", "2 objects", "3 objects", "train s", f"vs {values[0]:g}"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tower", default="runs/demo/01_vit_read/model", help="a model directory whose ViT is used")
@@ -69,26 +92,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=12000)
     ap.add_argument("--n-test", type=int, default=600)
     args = ap.parse_args()
-    if not (Path(args.tower) / "config.json").exists():
-        raise SystemExit(f"no model directory at {args.tower}: run `make demo` first or pass --tower")
-    from sailvl.cli import _tune_malloc
-
-    _tune_malloc()
-    stds = [float(s) for s in args.stds.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        where_records(args.n_train, 1, work / "data", "train")
-        where_records(args.n_test, 2, work / "data", "test")
-        rows, ref = [], None
-        for std in stds:
-            acc, by_n, seconds = run_one(args.tower, std, work / "data", args.steps, work)
-            ref = acc if ref is None else ref
-            rows.append([f"{std:g}", f"{acc:.3f}", *(f"{by_n.get(n, float('nan')):.2f}" for n in (1, 2, 3)),
-                         f"{seconds:.0f}", f"{acc / max(ref, 1e-9):.2f}x"])
-            print(rows[-1], flush=True)
-    print_table(f"'Where is the <shape>?' after {args.steps} steps of 2 x 512 tokens, {args.n_test} held out",
-                ["LLM init std", "held-out", "1 object", "2 objects", "3 objects", "train s", f"vs std {stds[0]:g}"],
-                rows)
+    where_benchmark(args, [float(s) for s in args.stds.split(",")], run_one, "LLM init std", "")
 
 
 if __name__ == "__main__":

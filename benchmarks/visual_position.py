@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import fresh_on_tower, print_table, probe_run, train_and_score  # noqa: E402
-from benchmarks.llm_init import where_records  # noqa: E402
+from benchmarks.common import fresh_on_tower, probe_run, train_and_score  # noqa: E402
+from benchmarks.llm_init import where_benchmark  # noqa: E402
 
 
 def run_one(tower: str, code: float, data: Path, steps: int, work: Path) -> tuple[float, dict, float]:
@@ -44,26 +43,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=12000)
     ap.add_argument("--n-test", type=int, default=600)
     args = ap.parse_args()
-    if not (Path(args.tower) / "config.json").exists():
-        raise SystemExit(f"no model directory at {args.tower}: run `make demo` first or pass --tower")
-    from sailvl.cli import _tune_malloc
-
-    _tune_malloc()
-    codes = [float(c) for c in args.codes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        where_records(args.n_train, 1, work / "data", "train")
-        where_records(args.n_test, 2, work / "data", "test")
-        rows, ref = [], None
-        for code in codes:
-            acc, by_n, seconds = run_one(args.tower, code, work / "data", args.steps, work)
-            ref = acc if ref is None else ref
-            rows.append([f"{code:g}", f"{acc:.3f}", *(f"{by_n.get(n, float('nan')):.2f}" for n in (1, 2, 3)),
-                         f"{seconds:.0f}", f"{acc / max(ref, 1e-9):.2f}x"])
-            print(rows[-1], flush=True)
-    print_table(f"'Where is the <shape>?' after {args.steps} steps of 2 x 512 tokens (Muon), {args.n_test} held out",
-                ["position code", "held-out", "1 object", "2 objects", "3 objects", "train s", f"vs {codes[0]:g}"],
-                rows)
+    where_benchmark(args, [float(c) for c in args.codes.split(",")], run_one, "position code", " (Muon)")
 
 
 if __name__ == "__main__":
