@@ -84,13 +84,19 @@ def where_benchmark(args, values: list[float], run_one, name: str, title: str) -
                 [name, "held-out", "1 object", "2 objects", "3 objects", "train s", f"vs {values[0]:g}"], rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def where_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every "where" benchmark takes (tower, steps, record counts)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--tower", default="runs/demo/01_vit_read/model", help="a model directory whose ViT is used")
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--stds", default="0.02,0.06")
     ap.add_argument("--n-train", type=int, default=12000)
     ap.add_argument("--n-test", type=int, default=600)
+    return ap
+
+
+def main() -> None:
+    ap = where_parser(__doc__.splitlines()[0])
+    ap.add_argument("--stds", default="0.02,0.06")
     args = ap.parse_args()
     where_benchmark(args, [float(s) for s in args.stds.split(",")], run_one, "LLM init std", "")
 

@@ -14,7 +14,6 @@ Run: .venv/bin/python benchmarks/visual_position.py [--tower runs/demo/01_vit_re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import fresh_on_tower, probe_run, train_and_score  # noqa: E402
-from benchmarks.llm_init import where_benchmark  # noqa: E402
+from benchmarks.llm_init import where_benchmark, where_parser  # noqa: E402
 
 
 def run_one(tower: str, code: float, data: Path, steps: int, work: Path) -> tuple[float, dict, float]:
@@ -36,12 +35,8 @@ def run_one(tower: str, code: float, data: Path, steps: int, work: Path) -> tupl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tower", default="runs/demo/01_vit_read/model", help="a model directory whose ViT is used")
-    ap.add_argument("--steps", type=int, default=800)
+    ap = where_parser(__doc__.splitlines()[0])
     ap.add_argument("--codes", default="0,0.7", help="code shares to compare (0 = no code)")
-    ap.add_argument("--n-train", type=int, default=12000)
-    ap.add_argument("--n-test", type=int, default=600)
     args = ap.parse_args()
     where_benchmark(args, [float(c) for c in args.codes.split(",")], run_one, "position code", " (Muon)")
 

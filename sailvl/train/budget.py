@@ -131,10 +131,9 @@ class Budget:
         others share what is left (a kept stage itself gets the factor of all stages left)."""
         left = self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
         rest = stages[si:]
-        others = [s for s in rest if s.name not in self.ref.keep]
-        if stages[si].name not in self.ref.keep and others != rest:  # the kept stages' time first
+        if stages[si].name not in self.ref.keep:  # the kept stages' time first, the others share what is left
             left -= self.predicted_s([s for s in rest if s.name in self.ref.keep])
-            rest = others
+            rest = [s for s in rest if s.name not in self.ref.keep]
         need = self.predicted_s(rest)
         return max(0.0, min(1.0, left / need)) if need > 0 else 1.0
 
