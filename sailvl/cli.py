@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (time vs accuracy)")
     d.add_argument("--minutes", type=float, default=15.0,
-                   help="wall-clock budget for the whole demo: every stage's steps are scaled (never up) to end "
-                        "within it on this machine at its speed now (default 15; 0: no budget, the recipe as is)")
+                   help="wall-clock budget for the whole demo: stages are cut to end within it on this machine at "
+                        "its speed now, or in a fast hour the VLM stages run up to 2x their steps (default 15; 0: "
+                        "no budget, the recipe as is)")
     d.add_argument("--quick", action="store_true", help="a one-minute smoke run (tiny data, a few steps)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     d.add_argument("--procs", type=int, default=1,

@@ -26,7 +26,8 @@ def run(out_dir: str | Path = "runs", scale: float = 1.0, quick: bool = False, s
         resume: bool = False, procs: int = 1, minutes: float | None = 15.0) -> dict:
     """`minutes` (not with `quick`): a wall-clock budget for the whole demo, data generation included. A ~4 s
     speed probe and then the seconds each finished stage really took set every stage's steps as it starts
-    (`sailvl.train.budget`: scaled down, never up, from the recipe at `scale`); None or 0 runs the recipe as is.
+    (`sailvl.train.budget`: cut from the recipe at `scale` when short of time; with time to spare the VLM stages
+    run up to twice their steps); None or 0 runs the recipe as is.
     `procs` > 1: train under torchrun with that many processes (gloo, one thread each, the whole model on
     each: parallel="ddp") on the same global batches. Default 1 (in this process): measured on this 2-core CPU
     (benchmarks/bench_parallel.py), 2 processes are 1.23x faster on the ViT stage but no faster on the VLM stages
@@ -107,9 +108,12 @@ def _budget(run_cfg, minutes: float, start: float, procs: int):
     path = Path(run_cfg.run_dir) / "budget.json"
     budget = Budget(minutes * 60, TINY_REFERENCE, path, start, probe_s=speed_probe(run_cfg.model))
     full = budget.predicted_s(run_cfg.stages)
+    factors = budget.factors(run_cfg.stages)
+    plan = (f"the VLM stages grow to {max(factors):.2f}x their steps" if max(factors) > 1 else
+            f"steps scaled by {min(factors):.2f}" if min(factors) < 1 else "the recipe runs whole")
     print(f"[demo] time budget {minutes:g} min: this machine takes {budget.speed:.2f}x the reference's step time "
           f"now; the recipe's training would take ~{full:.0f}s, {time.perf_counter() - start:.0f}s are spent; "
-          f"steps scaled by {budget.scale_for(run_cfg.stages, 0):.2f} for now (stages re-planned as they start)")
+          f"{plan} for now (stages re-planned as they start)")
     if procs > 1:
         run_cfg.stages = budget.plan_all(run_cfg.stages)
         return None

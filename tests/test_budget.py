@@ -44,7 +44,7 @@ def test_the_probe_sets_the_first_scale(tmp_path):
     assert json.loads((tmp_path / "budget.json").read_text())["stages"]["a"] == {"steps": 50, "of": 100, "scale": 0.5}
 
 
-def test_never_scales_up_and_never_below_one_step(tmp_path):
+def test_no_stage_grows_by_default_and_none_runs_below_one_step(tmp_path):
     s = stages(a=100, b=50)
     assert budget_at(tmp_path, 10_000, elapsed=0, probe_s=1.0).stage(s, 0).steps == 100
     assert budget_at(tmp_path / "x", 20, elapsed=30, probe_s=1.0).stage(s, 0).steps == 1  # already over: 1 step
@@ -104,3 +104,22 @@ def test_kept_stages_are_planned_whole_while_the_others_absorb_the_cut(tmp_path)
     assert b.scale_for(s, 0) == pytest.approx(0.5, abs=1e-3)  # a takes the whole cut (uniform would be 0.75)
     assert b.stage(s, 0).steps == 50
     assert budget_at(tmp_path / "all", 310, elapsed=0, probe_s=2.0, ref=ref).plan_all(s)[1].steps == 50
+
+
+def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=2.0)
+    s = stages(a=100, b=50)  # 200 s at the reference's speed
+    b = budget_at(tmp_path, 310, elapsed=0, probe_s=1.0, ref=ref)  # 300 s left: 100 s to spare, all of it for b
+    assert b.scale_for(s, 0) == 1.0  # a does not grow
+    assert b.scale_for(s, 1) == pytest.approx(2.0, abs=1e-3)  # b: 100 s at full size + 100 s spare
+    assert b.stage(s, 0).steps == 100
+    b._running = ("a", 100, time.perf_counter() - 50.0)  # a took half its predicted time: the machine is 2x faster
+    b.start = time.perf_counter() - 50.0
+    assert b.stage(s, 1).steps == 100  # 250 s left, b 50 s at full size: capped at max_grow
+    planned = budget_at(tmp_path / "all", 260, elapsed=0, probe_s=1.0, ref=ref).plan_all(s)
+    assert [p.steps for p in planned] == [100, 75]  # 50 s to spare: b 1.5x
+    # short of time, growing stages are cut like the others
+    assert budget_at(tmp_path / "cut", 310, elapsed=100, probe_s=2.0, ref=ref).stage(s, 0).steps == 50
+    # max_grow 1 (the default): the recipe is the most a run trains
+    assert budget_at(tmp_path / "one", 10_000, elapsed=0, probe_s=1.0,
+                     ref=Reference(step_s=ref.step_s, probe_s=1.0, grow=("b",))).scale_for(s, 1) == 1.0
