@@ -107,7 +107,8 @@ def test_kept_stages_are_planned_whole_while_the_others_absorb_the_cut(tmp_path)
 
 
 def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
-    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=2.0)
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=2.0,
+                    grow_reserve=0.0)
     s = stages(a=100, b=50)  # 200 s at the reference's speed
     b = budget_at(tmp_path, 310, elapsed=0, probe_s=1.0, ref=ref)  # 300 s left: 100 s to spare, all of it for b
     assert b.scale_for(s, 0) == 1.0  # a does not grow
@@ -123,3 +124,12 @@ def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
     # max_grow 1 (the default): the recipe is the most a run trains
     assert budget_at(tmp_path / "one", 10_000, elapsed=0, probe_s=1.0,
                      ref=Reference(step_s=ref.step_s, probe_s=1.0, grow=("b",))).scale_for(s, 1) == 1.0
+
+
+def test_growth_leaves_a_reserve_of_the_time_the_stages_left_need(tmp_path):
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=3.0,
+                    grow_reserve=0.25)
+    s = stages(a=100, b=50)  # 200 s at full size, 300 s left: 100 s to spare, less 0.25 * 200 s kept back
+    assert budget_at(tmp_path, 310, elapsed=0, probe_s=1.0, ref=ref).factors(s) == pytest.approx([1.0, 1.5], abs=1e-3)
+    # 20 s to spare, less than the reserve: nothing grows
+    assert budget_at(tmp_path / "tight", 230, elapsed=0, probe_s=1.0, ref=ref).factors(s) == [1.0, 1.0]

@@ -7,9 +7,10 @@ or smaller than it needs to be in fast ones. `Budget` instead scales the stages'
   - before training, `speed_probe` times a few training steps of a fresh model of the run's shape on synthetic
     packed rows (~4 s); its ratio to the probe time measured alongside the reference stage times (`reference`)
     predicts each stage's seconds here, today, and sets the scale that fits the budget;
-  - when the whole recipe fits with time to spare, the stages named in `Reference.grow` share the spare time (up to
-    `Reference.max_grow` times their steps; on the tiny demo, the VLM stages: twice their steps took held-out
-    accuracy 0.54 -> 0.65, twice the SAIL-ViT stages' 0.54 -> 0.55, README session 17); the others run whole;
+  - when the whole recipe fits with time to spare, the stages named in `Reference.grow` share the spare time, less a
+    reserve against the machine slowing down later (`Reference.grow_reserve`), up to `Reference.max_grow` times their
+    steps (on the tiny demo, the VLM stages: twice their steps took held-out accuracy 0.54 -> 0.65, twice the
+    SAIL-ViT stages' 0.54 -> 0.55, README session 17); the others run whole;
   - as each stage starts, the one factor for the stages left is recomputed from the seconds the finished ones really
     took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
   - every decision is written to `budget.json` in the run directory, so `--resume` re-runs the same steps.
@@ -98,6 +99,10 @@ class Reference:
     # stages that share time to spare, up to max_grow times their steps (1: the recipe is the most a run trains)
     grow: tuple[str, ...] = ()
     max_grow: float = 1.0
+    # growing stages leave this fraction of the time the stages left need at full size unspent: the machine may slow
+    # down later, and a cut then falls on the last stages, the kept ones too (a demo in a fast hour that slowed: the
+    # thinking stages cut to 0.8 of their steps, math_cot 0.80 -> 0.18)
+    grow_reserve: float = 0.15
 
 
 class Budget:
@@ -134,8 +139,8 @@ class Budget:
         """The factor for stage si as things stand: with the time left (less the room for what follows training)
         short of what stages si.. need at full size, the factor that fits, at most 1, where stages in
         `reference.keep` count at full size and the others share what is left (a kept stage itself gets the factor
-        of all stages left); with time to spare, stages in `reference.grow` share it (at most `max_grow`) and the
-        others get 1."""
+        of all stages left); with time to spare, stages in `reference.grow` share it, less `grow_reserve` (at most
+        `max_grow`), and the others get 1."""
         left, rest = self._left(), stages[si:]
         spare = left - self.predicted_s(rest)
         if spare >= 0:
@@ -150,8 +155,10 @@ class Budget:
         return self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
 
     def _grow_factor(self, rest: list[Stage], spare: float) -> float:
+        """The growing stages' factor for `spare` seconds beyond what `rest` needs at full size, less the reserve."""
         growing = self.predicted_s([s for s in rest if s.name in self.ref.grow])
-        return min(self.ref.max_grow, 1.0 + spare / growing) if growing > 0 else 1.0
+        spare -= self.ref.grow_reserve * self.predicted_s(rest)
+        return min(self.ref.max_grow, 1.0 + max(0.0, spare) / growing) if growing > 0 else 1.0
 
     def stage(self, stages: list[Stage], si: int) -> Stage:
         """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
