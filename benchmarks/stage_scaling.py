@@ -6,7 +6,8 @@ A diagnostic rather than a benchmark: the numbers are accuracies, not speeds. Ru
 `--jobs N` at a time (on a machine with the cores or a GPU for it: each run picks CUDA when there is one).
 
 Measured (session 17, a lent H200, five runs side by side; seed 0): 1,1 -> 0.54; 1,2 -> 0.65; 2,1 -> 0.55 (2,2 and
-1,3 did not finish inside the lease). On this 2-core CPU, the VLM stages alone from one tower: x1 0.533, x1.5 0.621.
+1,3 did not finish inside the lease). On this 2-core CPU (a session script that
+trains only the VLM stages from one tower): x1 0.533, x1.5 0.621.
 That is why the demo's time budget hands spare time to the VLM stages only (`Reference.grow` in recipes/tiny.py).
 A 1,1 run takes ~10-20 min on the 2-core CPU (by the hour), ~5 min on the H200.
 

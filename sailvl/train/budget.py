@@ -179,10 +179,11 @@ class Budget:
     def factors(self, stages: list[Stage]) -> list[float]:
         """Each stage's factor if all of them were planned now: when cut, the kept stages whole and the others by
         one factor; with time to spare, the growing stages by one factor and the others whole."""
-        scale = self.scale_for(stages, 0)
         spare = self._left() - self.predicted_s(stages)
         if spare >= 0:
-            return [self._grow_factor(stages, spare) if s.name in self.ref.grow else 1.0 for s in stages]
+            grow = self._grow_factor(stages, spare)
+            return [grow if s.name in self.ref.grow else 1.0 for s in stages]
+        scale = self.scale_for(stages, 0)
         return [1.0 if s.name in self.ref.keep and scale > 0 else scale for s in stages]
 
     def plan_all(self, stages: list[Stage]) -> list[Stage]:
