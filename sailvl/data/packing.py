@@ -80,6 +80,7 @@ class PackedBatch:
     num_image_tokens: int
     refs: list[tuple[int, int]] = field(default_factory=list)  # loader refs of the samples, in sequence order
     token_mask: torch.Tensor | None = None  # [1, N] bool, True on sample tokens, False on padding
+    focus: torch.Tensor | None = None  # [1, N] int8 attention-supervision marks (data.focus), None if no sample has any
 
     def to(self, device, dtype: torch.dtype | None = None) -> PackedBatch:
         """A copy on `device`; `dtype` (if given) applies to pixel_values only."""
@@ -94,7 +95,8 @@ class PackedBatch:
         return PackedBatch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.cu_seqlens),
                            self.max_seqlen, move(self.loss_weights), pv, self.num_samples, self.num_pad,
                            self.num_tokens, self.num_image_tokens, list(self.refs),
-                           None if self.token_mask is None else move(self.token_mask))
+                           None if self.token_mask is None else move(self.token_mask),
+                           None if self.focus is None else move(self.focus))
 
     @property
     def segment_lengths(self) -> list[int]:
@@ -288,7 +290,7 @@ class StreamPacker:
         return row
 
     def _assemble(self, rows: list[list[_Entry]]) -> PackedBatch:
-        ids, labels, pos, weights, seglens, pixels, real = [], [], [], [], [], [], []
+        ids, labels, pos, weights, seglens, pixels, real, focus = [], [], [], [], [], [], [], []
         mode, n_img, n_pad, n_real, n_samples, refs = None, 0, 0, 0, 0, []
         for row in rows:
             used = 0
@@ -299,6 +301,9 @@ class StreamPacker:
                 ids.append(torch.as_tensor(it["input_ids"], dtype=torch.long))
                 labels.append(lab)
                 pos.append(torch.arange(e.length))
+                marks = it.get("focus")
+                focus.append(torch.zeros(e.length, dtype=torch.int8) if marks is None
+                             else torch.as_tensor(marks, dtype=torch.int8))
                 weights.append(loss_weights_for(lab, self.loss_weighting))
                 seglens.append(e.length)
                 used += e.length
@@ -318,12 +323,14 @@ class StreamPacker:
                 ids.append(torch.full((pad,), self.pad_id, dtype=torch.long))
                 labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
                 pos.append(torch.arange(pad))
+                focus.append(torch.zeros(pad, dtype=torch.int8))
                 weights.append(torch.zeros(pad))
                 seglens.append(pad)
                 n_pad += pad
         cu = torch.zeros(len(seglens) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seglens).cumsum(0)
         pixel_values = None if mode is None else (torch.cat(pixels) if mode == "tiles" else pixels)
+        marks = torch.cat(focus)
         c = self._counters
         c["steps"] += 1
         c["samples"] += n_samples
@@ -332,7 +339,7 @@ class StreamPacker:
         c["image_tokens"] += n_img
         return PackedBatch(torch.cat(ids)[None], torch.cat(labels)[None], torch.cat(pos)[None], cu, max(seglens),
                            torch.cat(weights)[None], pixel_values, n_samples, n_pad, n_real, n_img, refs,
-                           torch.cat(real)[None])
+                           torch.cat(real)[None], marks[None] if bool(marks.any()) else None)
 
     # ------------------------------------------------------------------------------------------ stats / state
     @property

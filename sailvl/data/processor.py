@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import SailVLConfig
+from .focus import focus_marks
 from .image import DEFAULT_MAX_PIXELS, ImageError, load_image, max_tiles_for, native_resize, tiles_tensor, to_tensor
 from .schema import Sample, SkipSample
 from .template import IMG_CONTEXT, IM_END, JINJA_TEMPLATE, Visuals, parse_thinking, render
@@ -204,7 +205,7 @@ class Processor:
         if tensors:
             pixel_values = list(tensors) if self.config.mode == "native" else torch.cat(tensors)
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_image_tokens": n_visual,
-                "text": text}
+                "text": text, "tokens_per_image": img_tokens}
 
     def encode_sample(self, sample: Sample) -> dict:
         """A training sample -> model inputs (raises SkipSample for anything unusable)."""
@@ -212,6 +213,11 @@ class Processor:
         out = self(sample.messages, sample.images, sample.video)
         if not (out["labels"] != IGNORE_INDEX).any():
             raise SkipSample("no trainable tokens")
+        if sample.meta.get("focus") and out["tokens_per_image"] and self.config.mode != "native":
+            marks = focus_marks(out["input_ids"], out["labels"], self.img_context_id, out["tokens_per_image"][0],
+                                self.config.tokens_per_tile, sample.meta["focus"])
+            if marks is not None:
+                out["focus"] = marks
         return out
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

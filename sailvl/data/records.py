@@ -15,6 +15,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from sailvl.data.focus import parse_focus
 from sailvl.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageRef, Sample, SkipSample
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -42,6 +43,11 @@ def parse_record(rec: Any, lookup: Lookup, default_images: Iterable[Any] = ()) -
         media.images = [resolve_ref(r, "image", lookup) for r in default_images]
     _add_placeholders(messages, len(media.images), media.video is not None)
     meta = {"id": rec["id"]} if rec.get("id") is not None else {}
+    if rec.get("focus") is not None:
+        try:
+            meta["focus"] = parse_focus(rec["focus"])
+        except ValueError as e:
+            raise SkipSample(f"malformed record: {e}") from None
     return Sample(messages, media.images, media.video, task=_opt_str(rec.get("task")),
                   answer=_opt_str(rec.get("answer")), meta=meta)
 

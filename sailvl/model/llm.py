@@ -31,6 +31,9 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.H * self.K, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.K, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.K, cfg.rms_norm_eps)
+        # training with attention supervision (sailvl.train.focus): keep this call's (q [B,H,L,K], k [B,G,S,K])
+        self.keep_qk = False
+        self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x_BLD, rope, cu_seqlens=None, max_seqlen=None, key_mask_BS=None, cache: KVCache | None = None):
         """`rope`: the `rope_tables` (cos, sin) [B, L, K/2] of the positions."""
@@ -42,6 +45,7 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x_BLD).view(B, L, self.G, self.K).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        self.qk = (q, k) if self.keep_qk else None
         out_BHLK = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_mask_BS=key_mask_BS)
         return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, self.H * self.K))
 

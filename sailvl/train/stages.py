@@ -54,6 +54,10 @@ class Stage:
     # `rows_per_step` is images per step and `vision` holds {"world": World fields, "kinds": weights}.
     kind: str = "vlm"
     vision: dict[str, Any] | None = None
+    # attention supervision (sailvl.train.focus): {"weight": w, "layers": [i, ...], "head": h}. Samples whose records
+    # name `focus` boxes (the objects their first answer is about) add w x -log(the attention mass that head h of
+    # each listed LLM layer puts on the image tokens covering those boxes, at the position predicting the answer)
+    focus: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.steps < 0:
@@ -70,6 +74,11 @@ class Stage:
                                  f"or a parameter-name prefix (e.g. 'language_model.model.layers.0.')")
         if self.kind not in ("vlm", "vision"):
             raise ValueError(f"stage {self.name!r}: kind must be vlm or vision, got {self.kind!r}")
+        if self.focus is not None:
+            unknown = set(self.focus) - {"weight", "layers", "head"}
+            if unknown or "weight" not in self.focus or not self.focus.get("layers"):
+                raise ValueError(f"stage {self.name!r}: focus must be {{'weight': w, 'layers': [...], 'head': h}}, "
+                                 f"got {self.focus!r}")
         if not self.data and self.steps and self.kind == "vlm":
             raise ValueError(f"stage {self.name!r} has no data")
 

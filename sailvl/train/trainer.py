@@ -43,6 +43,7 @@ from ..distributed.checkpoint import gather_model, load_train_state, save_train_
 from ..distributed.parallelize import parallelize
 from ..model.vlm import SailVL
 from .budget import Budget
+from .focus import focus_loss, set_capture
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
 from .progress import Progress
 from .stages import RunConfig, Stage
@@ -177,6 +178,11 @@ class Trainer:
         ddp = self.world > 1 and run.parallel == "ddp"
         if self.world > 1 and not ddp:  # after freezing: FSDP units are built for this stage's trainable parameters
             parallelize(model, run.precision, run.activation_checkpointing)
+        focus = stage.focus
+        if focus is not None:
+            if run.activation_checkpointing:
+                raise ValueError(f"stage {stage.name}: attention supervision (focus) needs activation checkpointing off")
+            set_capture(model, focus["layers"], True)
         model.train()
         optimizer = build_optimizer(model, stage)
         packer = self._data(si, stage, processor)
@@ -212,12 +218,18 @@ class Trainer:
             micro = [next(batches).to(self.device, torch.float32) for _ in range(stage.grad_accum)]
             total_w = D.all_reduce_sum(torch.stack([b.loss_weights.sum() for b in micro]).sum().to(self.device))
             sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
-            finite, loads = True, []
+            finite, loads, seen = True, [], []
             for b in micro:
                 with autocast:
                     lm, aux, z, out = self._losses(model, b, total_w, stage.max_len)
                 moe = cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z  # averaged over micro-steps, ranks
                 loss = lm + moe / (stage.grad_accum * self.world)
+                if focus is not None and b.focus is not None:
+                    got = focus_loss(model, b.focus.reshape(-1, stage.max_len), b.cu_seqlens, focus["layers"],
+                                     focus.get("head", 0))
+                    if got is not None:  # this rank's micro-batch mean, averaged like the MoE terms
+                        loss = loss + focus["weight"] * got[0] / (stage.grad_accum * self.world)
+                        seen.append((got[0].item(), got[1].item()))
                 if not torch.isfinite(loss):
                     finite = False
                     if not sync:
@@ -269,6 +281,9 @@ class Trainer:
                    "tokens_seen": tokens_seen}
             if loads:
                 rec.update(self._moe_stats(loads, sums["aux"]))
+            if seen:  # (this rank's)
+                rec["focus_nll"] = sum(a for a, _ in seen) / len(seen)
+                rec["focus_mass"] = sum(m for _, m in seen) / len(seen)
             if event:
                 rec["adalrs"] = event
             self._log(rec)
@@ -278,6 +293,8 @@ class Trainer:
                          "adalrs": adalrs.state_dict() if adalrs is not None else None,
                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
                 save_train_state(ckpt_root, step, model, optimizer, state, keep=run.keep_checkpoints)
+        if focus is not None:
+            set_capture(model, focus["layers"], False)
 
     @staticmethod
     def _losses(model: SailVL, b: PackedBatch, total_w: torch.Tensor, row_len: int):

@@ -59,6 +59,39 @@ def add_scene_trace(record: dict, image_size: int) -> dict:
     return record
 
 
+def focus_objects(record: dict) -> list[int]:
+    """Indices into `meta["scene"]` of the objects a single-question scene record's answer is about (the asked-about
+    object; both objects of a relation or comparison; the counted objects; the object a yes / no question names,
+    when there is one), [] for every other record."""
+    meta, task = record["meta"], record["task"]
+    scene = meta.get("scene") or []
+    if task in ("vqa_color", "vqa_shape", "grounding"):
+        return [meta["target"]]
+    if task in ("vqa_spatial", "vqa_compare"):
+        return [meta["a"], meta["b"]]
+    if task == "vqa_count":
+        flt = meta["count_filter"]
+        return [i for i, o in enumerate(scene) if all(o[a] == v for a, v in flt.items())]
+    if task == "vqa_yesno":
+        if "a" in meta:
+            return [meta["a"], meta["b"]]
+        if "target" in meta:
+            return [meta["target"]]
+        return [i for i, o in enumerate(scene) if o["colour"] == meta.get("colour") and o["shape"] == meta.get("shape")]
+    return []
+
+
+def add_focus(record: dict, image_size: int) -> dict:
+    """The record with `focus`: the 0-1000 boxes of `focus_objects` (sailvl.data.focus), when there are any."""
+    from .scene import Obj, grounding_box
+
+    objs = focus_objects(record)
+    if objs:
+        scene = record["meta"]["scene"]
+        record["focus"] = [grounding_box(Obj.from_dict(scene[i]), image_size) for i in objs]
+    return record
+
+
 def place_media(record: dict, position: str) -> dict:
     """`record` with the placeholders heading its first human turn moved to the end of that turn ("last"; before
     a trailing thinking instruction) or left where they are ("first"). Later turns are never touched."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import tasks_scene as S
 from . import tasks_text as T
-from .record import add_scene_trace, place_media
+from .record import add_focus, add_scene_trace, place_media
 from .world import World, resolve_world
 
 Generator = Callable[[random.Random, World], "tuple[dict, list[Image.Image]]"]
@@ -99,4 +99,6 @@ def draw(task: str, rng: random.Random, world: World) -> tuple[dict, list[Image.
     record, images = GENERATORS[task](rng, world)
     if world.scene_trace == "caption":
         record = add_scene_trace(record, world.image_size)
+    if world.focus:
+        record = add_focus(record, world.image_size)
     return place_media(record, world.image_position), images

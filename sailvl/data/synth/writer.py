@@ -121,6 +121,8 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str],
             elif key is not None:
                 out[key] = rel
             out["conversations"] = record["conversations"]
+            if "focus" in record:
+                out["focus"] = record["focus"]
             out["meta"] = record["meta"]
             f.write(json.dumps(out, ensure_ascii=False) + "\n")
             counts[task] += 1
