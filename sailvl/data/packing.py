@@ -302,8 +302,7 @@ class StreamPacker:
                 labels.append(lab)
                 pos.append(torch.arange(e.length))
                 marks = it.get("focus")
-                focus.append(torch.zeros(e.length, dtype=torch.int8) if marks is None
-                             else torch.as_tensor(marks, dtype=torch.int8))
+                focus.append((e.length, None if marks is None else torch.as_tensor(marks, dtype=torch.int8)))
                 weights.append(loss_weights_for(lab, self.loss_weighting))
                 seglens.append(e.length)
                 used += e.length
@@ -323,14 +322,16 @@ class StreamPacker:
                 ids.append(torch.full((pad,), self.pad_id, dtype=torch.long))
                 labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
                 pos.append(torch.arange(pad))
-                focus.append(torch.zeros(pad, dtype=torch.int8))
+                focus.append((pad, None))
                 weights.append(torch.zeros(pad))
                 seglens.append(pad)
                 n_pad += pad
         cu = torch.zeros(len(seglens) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seglens).cumsum(0)
         pixel_values = None if mode is None else (torch.cat(pixels) if mode == "tiles" else pixels)
-        marks = torch.cat(focus)
+        marks = None  # only built when some sample has marks (the usual batch has none)
+        if any(m is not None for _, m in focus):
+            marks = torch.cat([torch.zeros(n, dtype=torch.int8) if m is None else m for n, m in focus])[None]
         c = self._counters
         c["steps"] += 1
         c["samples"] += n_samples
@@ -339,7 +340,7 @@ class StreamPacker:
         c["image_tokens"] += n_img
         return PackedBatch(torch.cat(ids)[None], torch.cat(labels)[None], torch.cat(pos)[None], cu, max(seglens),
                            torch.cat(weights)[None], pixel_values, n_samples, n_pad, n_real, n_img, refs,
-                           torch.cat(real)[None], marks[None] if bool(marks.any()) else None)
+                           torch.cat(real)[None], marks)
 
     # ------------------------------------------------------------------------------------------ stats / state
     @property
