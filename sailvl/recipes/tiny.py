@@ -128,7 +128,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         # ... then reading: the world's own OCR / equation / chart / table images, each with its transcript
         # predicted from the mean of all patches (measured: OCR 0.02 -> 0.15 in the demo, 0.02 -> 0.19 in a probe),
         # with dense scene labels kept in the mix (2 of 7 images) so the tower does not forget which object each cell
-        # belongs to: the VLM stages from such a tower 0.533 -> 0.574 (count, shape, motion up; README session 18)
+        # belongs to: the VLM stages from such a tower 0.533 -> 0.574 (count, shape, motion up; README session 18),
+        # and a whole default demo with it 0.63 (session 19; the best default run before it 0.61)
         Stage("vit_read", steps(400), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
               warmup_steps=10, schedule="cosine", optimizer="muon", vision={"world": TINY_WORLD.to_dict(), "kinds": {
                   "read_ocr": 2, "read_equation": 1, "read_chart": 1, "read_table": 1, "scene": 2}}),
