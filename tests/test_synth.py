@@ -360,6 +360,24 @@ def test_bigger_world():
     assert sample("caption", 0, image_size=96)[1][0].size == (96, 96)
 
 
+def test_chart_font():
+    """World.chart_font sets the chart's label / value text size: bigger letters under the axis, same content."""
+    import numpy as np
+    from sailvl.data.synth.render import chart_axis, make_chart
+
+    heights = {}
+    for fs in (11, 16):
+        world = World(chart_font=fs)
+        spec, img = make_chart(random.Random(3), world, kind="bar")
+        axis_y = chart_axis(world, world.px(fs))[0]
+        ink = (np.asarray(img)[axis_y + 1:] < 100).all(-1).any(1)  # black label pixels per row below the axis
+        heights[fs] = int(ink.sum())
+        assert spec["labels"] == make_chart(random.Random(3), World(), kind="bar")[0]["labels"]
+    assert heights[16] >= heights[11] + 3, heights
+    with pytest.raises(ValueError, match="chart_font"):
+        World(chart_font=30)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         generate(tmp_path, 5, tasks=["vqa_colour_typo"])
@@ -515,7 +533,12 @@ def test_answer_suffix_knob_and_training_only_generators(tmp_path):
         assert suffixed["conversations"][0]["value"].endswith(SHORT_ANSWER_SUFFIX)
         assert plain["conversations"][0]["value"] + SHORT_ANSWER_SUFFIX == suffixed["conversations"][0]["value"]
     # drills are not evaluated tasks: not in the default task list, but accepted by name for training splits
-    assert set(TRAIN_ONLY) == {"scene_drill", "text_drill"} and not set(TRAIN_ONLY) & set(check_tasks(None))
+    assert set(TRAIN_ONLY) == {"scene_drill", "text_drill", "text_lists"} and not set(TRAIN_ONLY) & set(check_tasks(None))
+    # text_lists: only text_instruct's open-ended kinds, the ones its test split holds
+    from sailvl.data.synth.tasks_text import LIST_KINDS
+
+    lists = [r for r, _ in _draws("text_lists", 60)]
+    assert {r["task"] for r in lists} == {"text_lists"} and {r["meta"]["kind"] for r in lists} == set(LIST_KINDS)
     out = generate_splits(tmp_path, 12, 4, 4, seed=0, tasks=["vqa_color"],
                           extra_train={"drills": (6, ["scene_drill", "text_drill"], World())})
     assert out["drills"]["n"] == 6 and {r["task"] for r in _read(tmp_path, "drills")} == {"scene_drill", "text_drill"}

@@ -184,7 +184,7 @@ class DenseStream:
         """Bars like render.make_chart's (bar kind), a letter under each and a digit above it."""
         w = self.world
         s, k = w.image_size, w.chart_items
-        fs = w.px(11)
+        fs = w.px(w.chart_font)
         label_h = text_bbox("A", fs)[3] - text_bbox("A", fs)[1]
         axis_y, label_y = chart_axis(w, fs)
         g = chart_grid(w)

@@ -188,11 +188,12 @@ SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "pentagon": 5, "hexagon": 6
 # comparisons, which test following an instruction on unseen input rather than recalling it.
 TEXT_KINDS = ("reverse", "count_on", "colour_fact", "colour_mix", "sides", "arithmetic", "sort", "letters",
               "larger", "first", "last", "repeat", "count_words")
+LIST_KINDS = ("reverse", "count_on", "sort", "larger", "first", "last", "repeat", "count_words")
 
 
-def text_instruct(rng: random.Random, world: World):
+def text_instruct(rng: random.Random, world: World, kinds: tuple[str, ...] = TEXT_KINDS, task: str = "text_instruct"):
     """Simple verifiable language tasks; `meta.kind` names the kind."""
-    kind = rng.choice(TEXT_KINDS)
+    kind = rng.choice(kinds)
     if kind == "reverse":
         words = rng.sample(WORD_POOL, rng.randint(2, 4))
         q, a = f"Reverse the order of these words: {', '.join(words)}.", ", ".join(reversed(words))
@@ -235,5 +236,11 @@ def text_instruct(rng: random.Random, world: World):
     else:
         x, y = rng.sample(range(21), 2)
         q, a = f"Which number is larger, {x} or {y}?", str(max(x, y))
-    return make_record("text_instruct", q, a, {"kind": kind}), []
+    return make_record(task, q, a, {"kind": kind}), []
+
+
+def text_lists(rng: random.Random, world: World):
+    """Training only: text_instruct's open-ended kinds (LIST_KINDS: list operations, sequences, comparisons),
+    the ones its test split holds, as records of their own task name."""
+    return text_instruct(rng, world, LIST_KINDS, "text_lists")
 
