@@ -538,7 +538,14 @@ def test_answer_suffix_knob_and_training_only_generators(tmp_path):
     from sailvl.data.synth.tasks_text import LIST_KINDS
 
     lists = [r for r, _ in _draws("text_lists", 60)]
-    assert {r["task"] for r in lists} == {"text_lists"} and {r["meta"]["kind"] for r in lists} == set(LIST_KINDS)
+    assert {r["task"] for r in lists} == {"text_instruct"} and {r["meta"]["kind"] for r in lists} == set(LIST_KINDS)
+    # ... and a test split written after them never asks one of their questions (small kinds such as "larger",
+    # 420 number pairs, are mostly covered by 3,000 of them)
+    generate_splits(tmp_path / "lists", 10, 0, 300, seed=0, tasks=["text_instruct"],
+                    extra_train={"lists": (3000, ["text_lists"], World())})
+    asked = {r["conversations"][0]["value"] for r in _read(tmp_path / "lists", "lists")}
+    test = [r["conversations"][0]["value"] for r in _read(tmp_path / "lists", "test")]
+    assert len(test) == 300 and not asked & set(test)
     out = generate_splits(tmp_path, 12, 4, 4, seed=0, tasks=["vqa_color"],
                           extra_train={"drills": (6, ["scene_drill", "text_drill"], World())})
     assert out["drills"]["n"] == 6 and {r["task"] for r in _read(tmp_path, "drills")} == {"scene_drill", "text_drill"}
