@@ -156,8 +156,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
                                                   text_lists=1, motion=0.6),
               lr=lr(1e-3), trainable=late, schedule="constant", **qa),
         Stage("sft", steps(439), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
-                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1,
-                                   motion=0.6),
+                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6),
               lr=lr(7e-4), trainable=late, schedule="wsd", decay_fraction=0.5, **qa),
         Stage("longcot_sft", steps(86), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
         # Think-Fusion: mostly single questions, the evaluation's format

@@ -1,9 +1,8 @@
 """The task registry and `sample`, which draws one record in memory.
 
 TASKS maps each task name to its generator `gen(rng: random.Random, world: World) -> (record, images)`;
-TRAIN_ONLY holds the generators that are not tasks of their own (several tasks' questions about one image, or a
-task's open-ended part),
-used by name for training splits; GENERATORS is both.
+TRAIN_ONLY holds the generators that are not tasks of their own (several tasks' questions about one image, or
+one task's open-ended kinds), used by name for training splits; GENERATORS is both.
 `sample` accepts a `random.Random`, a `numpy.random.Generator` or an int seed: all randomness flows
 from that one object, so equal states give equal samples.
 """

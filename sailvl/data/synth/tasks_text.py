@@ -188,6 +188,7 @@ SIDES = {"triangle": 3, "square": 4, "rectangle": 4, "pentagon": 5, "hexagon": 6
 # comparisons, which test following an instruction on unseen input rather than recalling it.
 TEXT_KINDS = ("reverse", "count_on", "colour_fact", "colour_mix", "sides", "arithmetic", "sort", "letters",
               "larger", "first", "last", "repeat", "count_words")
+# the open-ended subset of TEXT_KINDS (what the test split holds; text_lists draws only these)
 LIST_KINDS = ("reverse", "count_on", "sort", "larger", "first", "last", "repeat", "count_words")
 
 
@@ -244,4 +245,3 @@ def text_lists(rng: random.Random, world: World):
     ones its test split holds. The records are text_instruct's (task name included), so a split written after them
     leaves out every question they ask (`generate_splits` hashes the task name with the content)."""
     return text_instruct(rng, world, LIST_KINDS)
-
