@@ -378,6 +378,25 @@ def test_chart_font():
         World(chart_font=30)
 
 
+def test_chart_letters():
+    """World.chart_letters: labels are a sorted sample of those letters (left to right); None keeps any A-Z in any
+    order; bad sets are refused."""
+    from sailvl.data.synth.render import make_chart
+
+    seen = set()
+    for i in range(40):
+        spec = make_chart(random.Random(i), World(chart_letters="ABCDEF"))[0]
+        assert spec["labels"] == sorted(spec["labels"]) and set(spec["labels"]) <= set("ABCDEF")
+        assert len(set(spec["labels"])) == 3
+        seen.update(spec["labels"])
+    assert seen == set("ABCDEF")
+    anywhere = [make_chart(random.Random(i), World())[0]["labels"] for i in range(40)]
+    assert any(lab != sorted(lab) for lab in anywhere) and len({c for lab in anywhere for c in lab}) > 6
+    for bad in ("AB", "AAB", "abc", "AB1"):
+        with pytest.raises(ValueError, match="chart_letters"):
+            World(chart_letters=bad)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         generate(tmp_path, 5, tasks=["vqa_colour_typo"])

@@ -158,3 +158,18 @@ def test_tiny_data_is_reused_only_when_prepared_the_same_way(tmp_path, capsys):
     assert "prepared differently" in capsys.readouterr().out
     assert train.read_text() != first  # another seed: regenerated
     assert json.loads((tmp_path / "data" / "READY").read_text())["seed"] == 1
+
+
+def test_tiny_thinking_stages_bring_no_new_data():
+    """Every data group of the tiny recipe's thinking stages (longcot_sft, think_fusion_sft) is in the mixture of an
+    earlier VLM stage: a group first met there (math_cot's traces once were) starts that stage at a loss above a
+    uniform guess and costs the task most of what it learns (session 21)."""
+    from sailvl.recipes.tiny import tiny
+
+    run = tiny()
+    names = [s.name for s in run.stages]
+    first = names.index("longcot_sft")
+    earlier = {d.name for s in run.stages[:first] if s.kind == "vlm" for d in s.data}
+    for stage in run.stages[first:]:
+        assert {d.name for d in stage.data} <= earlier, (stage.name, {d.name for d in stage.data} - earlier)
+    assert "math_cot" in earlier

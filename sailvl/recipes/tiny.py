@@ -150,13 +150,17 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
               lr=lr(1e-3), trainable=all_, schedule="constant", **qa),
         Stage("pretrain_basic", steps(55), d(captions=2, text_in_image=1), trainable=["adapter"],
               lr={"adapter": 1e-3}, adalrs={"window": 10}, schedule="constant", **common),
-        # math_direct at 0.5 (1.00 held out at 1 or 0.5), its share to video_motion (motion): 0.55 -> 0.57 from one tower
+        # math_direct at 0.5 (1.00 held out at 1 or 0.5), its share to video_motion (motion): 0.55 -> 0.57 from one tower.
+        # math_cot here and in sft (0.2 / 0.3), so the thinking format is not new at longcot_sft: without them that
+        # stage's loss started at ~8.6 (above a uniform guess's 6.9) and was still ~2 after its 86 steps; with them it
+        # starts at ~0.15. From one tower (seeds 0 / 1): math_cot 0.66 / 0.48 -> 1.00 / 1.00, overall 0.639 / 0.559 ->
+        # 0.659 / 0.629 (README, session 21)
         Stage("pretrain_multitask", steps(640), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
                                                   text_drills=2, text_in_image=1, basics=0.5, math_direct=0.5, text=0.7,
-                                                  text_lists=1, motion=0.6),
+                                                  text_lists=1, motion=0.6, math_cot=0.2),
               lr=lr(1e-3), trainable=late, schedule="constant", **qa),
         Stage("sft", steps(439), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
-                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6),
+                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6, math_cot=0.3),
               lr=lr(7e-4), trainable=late, schedule="wsd", decay_fraction=0.5, **qa),
         Stage("longcot_sft", steps(86), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
         # Think-Fusion: mostly single questions, the evaluation's format

@@ -184,11 +184,11 @@ def describe_equation(spec: dict) -> str:
 # ---------------------------------------------------------------- charts
 
 def make_chart(rng: random.Random, world: World, kind: str | None = None) -> tuple[dict, Image.Image]:
-    """A bar or line chart of k items: distinct letter labels under the axis, distinct values 1-9
+    """A bar or line chart of k items: distinct letter labels under the axis (World.chart_letters), distinct values 1-9
     printed above each bar / point, heights proportional to the values."""
     kind = kind or rng.choice(("bar", "line"))
     k = world.chart_items
-    labels = rng.sample(LETTERS, k)
+    labels = rng.sample(LETTERS, k) if world.chart_letters is None else sorted(rng.sample(world.chart_letters, k))
     values = rng.sample(range(1, 10), k)
     s = world.image_size
     fs = world.px(world.chart_font)

@@ -77,6 +77,10 @@ class World:
     # font size of chart labels and values. 16 on the tiny demo (data, tokenizer, towers anew; seed 0): the tower read
     # the labels 0.28-0.34 instead of 0.18-0.23, yet chart stayed 0.22 and the whole 0.579 vs 0.574 (README, session 20)
     chart_font: int = 11
+    # the letters chart labels come from: None, any of A-Z in any order; a string, a sorted sample of its letters
+    # (left to right), as table headers are. "ABCDEF" on the tiny demo (data anew, one tower, seed 0): chart 0.22
+    # against 0.14 / 0.20 (two seeds), the whole within noise (README, session 21)
+    chart_letters: str | None = None
     table_shape: tuple[int, int] = (2, 2)      # data rows, data columns
     table_max_value: int = 99
     video_frames: int = 4
@@ -134,6 +138,11 @@ class World:
             raise ValueError(f"chart_items must be in 2..8, got {self.chart_items}")
         if not 6 <= self.chart_font <= 20:
             raise ValueError(f"chart_font must be in 6..20, got {self.chart_font}")
+        if self.chart_letters is not None:
+            cl = self.chart_letters
+            if len(set(cl)) != len(cl) or not all("A" <= ch <= "Z" for ch in cl) or len(cl) < self.chart_items:
+                raise ValueError(f"chart_letters must be distinct capitals A-Z, at least chart_items "
+                                 f"({self.chart_items}) of them, got {cl!r}")
         r, c = self.table_shape
         if not (1 <= r <= 6 and 1 <= c <= 6):
             raise ValueError(f"table_shape must be within 1..6 x 1..6, got {self.table_shape}")
