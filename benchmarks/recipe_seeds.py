@@ -10,7 +10,8 @@ accuracy and every task's mean over the seeds; OUT/NAME.json keeps the numbers.
 
 A diagnostic rather than a benchmark: the numbers are accuracies. Two data orders of one configuration differ by up
 to ~0.08 overall (session 21: 0.639 / 0.559), so compare configurations over two or more seeds and read one run only
-for large per-task effects. Measured (session 21, 2-core CPU, ~9.5 min per seed, the tower ~4.5 min):
+for large per-task effects. Measured in session 21 by the session script this replaces (the same procedure: one
+tower, the VLM stages per seed, mixture edits; 2-core CPU, ~9.5 min per seed, the tower ~4.5 min):
 | edit | seed 0 | seed 1 |
 |---|---|---|
 | (the recipe before session 21) | 0.639 (math_cot 0.66) | 0.559 (math_cot 0.48) |
@@ -37,7 +38,7 @@ TOWER_STAGES = 2  # vit_dense, vit_read
 
 def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
     """Apply `STAGE.GROUP=W` edits to a tiny RunConfig's stage mixtures (in place)."""
-    from sailvl.recipes.tiny import EXTRA, GROUPS
+    from sailvl.recipes.tiny import EXTRA, GROUPS, group_path
     from sailvl.train.stages import DataSpec
 
     stages = {s.name: s for s in run.stages}
@@ -57,8 +58,7 @@ def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
             raise SystemExit(f"--set {edit}: {stage_name} is a vision stage, it has no data mixture")
         stage.data = [d for d in stage.data if d.name != group]
         if weight > 0:
-            path = f"{data_dir}/{group if group in EXTRA else 'train_' + group}.jsonl"
-            stage.data.append(DataSpec(path, weight, group))
+            stage.data.append(DataSpec(group_path(data_dir, group), weight, group))
 
 
 def main() -> None:

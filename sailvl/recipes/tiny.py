@@ -85,6 +85,11 @@ EXTRA = {"basics": (0.25, BASICS_TASKS, BASICS_WORLD),
          "text_lists": (0.2, ["text_lists"], TINY_WORLD)}
 
 
+def group_path(data_dir: str, group: str) -> str:
+    """The JSONL of a data group (GROUPS: a view of train; EXTRA: a split of its own) that prepare_tiny writes."""
+    return f"{data_dir}/{group if group in EXTRA else 'train_' + group}.jsonl"
+
+
 def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "tiny", scale: float = 1.0,
          vit_lr_ratio: float = 0.1) -> RunConfig:
     """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy).
@@ -105,7 +110,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     from the same SAIL-ViT) with 18% less VLM time; spending that on 19% more steps gave 0.29 (noise)."""
 
     def d(**weights: float) -> list[DataSpec]:
-        return [DataSpec(f"{data_dir}/{g if g in EXTRA else 'train_' + g}.jsonl", w, g) for g, w in weights.items()]
+        return [DataSpec(group_path(data_dir, g), w, g) for g, w in weights.items()]
 
     def steps(n: int) -> int:
         return max(1, int(round(n * scale)))
