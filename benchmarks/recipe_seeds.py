@@ -17,8 +17,15 @@ tower, the VLM stages per seed, mixture edits; 2-core CPU, ~9.5 min per seed, th
 | (the recipe before session 21) | 0.639 (math_cot 0.66) | 0.559 (math_cot 0.48) |
 | --set pretrain_multitask.math_cot=0.2 --set sft.math_cot=0.3 (adopted) | 0.659 (math_cot 1.00) | 0.629 (1.00) |
 
+`--model KEY=VALUE` edits the model config (an LLM config field such as num_attention_heads, or the model's own
+such as visual_position_code): the tower's ViT is kept and the adapter and LLM are initialised anew (seed 0, as
+the tower run's are; with no shape change they are the same weights). `--tower-scale` and `--scale` multiply the
+SAIL-ViT and the VLM stages' steps (e.g. a smaller tower and the time it frees given to the VLM stages).
+
 Run: .venv/bin/python benchmarks/recipe_seeds.py [--data runs/seeds/data] [--out runs/seeds] [--seeds 0,1]
-     [--set sft.math_cot=0.3 ...] [--name NAME] [--tower MODEL_DIR] [--quick]
+     [--set sft.math_cot=0.3 ...] [--model visual_position_code=0.3 ...] [--steps vit_read=500 ...]
+     [--tower-scale 0.5] [--scale 1.18]
+     [--name NAME] [--tower MODEL_DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -33,7 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table  # noqa: E402
 
-TOWER_STAGES = 2  # vit_dense, vit_read
+TOWER_STAGES = 2
+TOWER_STAGE_NAMES = ("vit_dense", "vit_read")
+
+
+def set_steps(run, edits: list[str], scale: float = 1.0) -> None:
+    """Apply `STAGE=N` edits to a RunConfig's step counts (in place; N times `scale`, at least 1)."""
+    stages = {s.name: s for s in run.stages}
+    for edit in edits:
+        name, sep, n = edit.partition("=")
+        if not sep or not n.isdigit():
+            raise SystemExit(f"--steps wants STAGE=N, got {edit!r}")
+        if name not in stages:
+            raise SystemExit(f"--steps {edit}: no stage {name!r} here; stages: {', '.join(stages)}")
+        stages[name].steps = max(1, int(round(int(n) * scale)))
 
 
 def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
@@ -61,6 +81,55 @@ def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
             stage.data.append(DataSpec(group_path(data_dir, group), weight, group))
 
 
+def retower(tower: str, edits: list[str], out: Path) -> str:
+    """A copy of model directory `tower` with `KEY=VALUE` edits (ints, floats or strings) to its LLM config or to the
+    model config's own fields (e.g. visual_position_code): its ViT weights kept, its adapter and LLM initialised
+    anew (seed 0), as a tower's are (the SAIL-ViT stages train only the ViT)."""
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from sailvl.model.vlm import SailVL
+
+    def value(v: str):
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    import hashlib
+
+    source = str(Path(tower).resolve())  # one directory per (tower, edits): edits of two towers never collide
+    tag = hashlib.sha1(source.encode()).hexdigest()[:8]
+    dest = out / (f"retower_{tag}_" + "_".join(e.replace("=", "") for e in edits))
+    if (dest / "model.safetensors").exists():
+        return str(dest)
+    old = SailVL.from_pretrained(tower, dtype=torch.float32)
+    llm_fields = {f.name for f in dataclasses.fields(old.config.llm_config)}
+    top_fields = {f.name for f in dataclasses.fields(old.config)} - {"llm_config", "vision_config"}
+    llm, top = {}, {}
+    for edit in edits:
+        key, sep, v = edit.partition("=")
+        if not sep or key not in llm_fields | top_fields:
+            raise SystemExit(f"--model wants KEY=VALUE with KEY a field of the LLM or model config, got {edit!r}; "
+                             f"fields: {', '.join(sorted(llm_fields | top_fields))}")
+        (llm if key in llm_fields else top)[key] = value(v)
+    config = dataclasses.replace(old.config, llm_config=dataclasses.replace(old.config.llm_config, **llm), **top)
+    torch.manual_seed(0)
+    new = SailVL(config)
+    new.vision_model.load_state_dict(old.vision_model.state_dict())
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in Path(tower).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, dest / f.name)
+    new.save_pretrained(dest)
+    (dest / "SOURCE").write_text(f"{source}\n{' '.join(edits)}\n")
+    return str(dest)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/seeds/data", help="the tiny recipe's data dir (prepared if missing)")
@@ -69,6 +138,13 @@ def main() -> None:
     ap.add_argument("--set", dest="edits", action="append", default=[], metavar="STAGE.GROUP=W")
     ap.add_argument("--name", default=None, help="default: the edits, or 'recipe'")
     ap.add_argument("--tower", default=None, help="a model directory to start the VLM stages from")
+    ap.add_argument("--model", dest="model_edits", action="append", default=[], metavar="KEY=VALUE",
+                    help="a model config edit (LLM config or the model's own fields): the tower's ViT with an "
+                         "adapter and LLM initialised anew")
+    ap.add_argument("--steps", dest="step_edits", action="append", default=[], metavar="STAGE=N",
+                    help="a stage's step count (a SAIL-ViT stage: a tower of its own, named after the edits)")
+    ap.add_argument("--tower-scale", type=float, default=1.0, help="multiplies the SAIL-ViT stages' steps")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies the VLM stages' steps")
     ap.add_argument("--quick", action="store_true", help="tiny data and 1%% of the steps (a smoke run)")
     args = ap.parse_args()
 
@@ -80,19 +156,29 @@ def main() -> None:
 
     _tune_malloc()
     out, data = Path(args.out), Path(args.data)
-    scale = 0.01 if args.quick else 1.0
-    name = args.name or ("_".join(e.replace("=", "") for e in args.edits) or "recipe")
+    quick = 0.01 if args.quick else 1.0
+    name = args.name or ("_".join(e.replace("=", "") for e in args.model_edits + args.step_edits + args.edits)
+                         or "recipe")
     prepare_tiny(tiny(data_dir=str(data)), **(dict(n_train=600, n_eval=76) if args.quick else {}))
     tower = args.tower
+    if tower is not None and (args.tower_scale != 1 or any(e.split("=")[0] in TOWER_STAGE_NAMES for e in args.step_edits)):
+        raise SystemExit("--tower names a trained tower: --tower-scale and --steps for its stages do not apply")
     if tower is None:
-        run = tiny(data_dir=str(data), out_dir=str(out), name="tower", scale=scale)
+        tower_edits = [e for e in args.step_edits if e.split("=")[0] in TOWER_STAGE_NAMES]
+        tower_name = "tower" + ("" if args.tower_scale == 1 else f"_x{args.tower_scale:g}") + "".join(
+            "_" + e.replace("=", "") for e in tower_edits)
+        run = tiny(data_dir=str(data), out_dir=str(out), name=tower_name, scale=quick * args.tower_scale)
         run.stages = run.stages[:TOWER_STAGES]
+        set_steps(run, tower_edits, quick)
         tower = str(Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit())
+    if args.model_edits:
+        tower = retower(tower, args.model_edits, out)
     per_seed = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run = tiny(data_dir=str(data), out_dir=str(out), name=f"{name}_s{seed}", scale=scale)
+        run = tiny(data_dir=str(data), out_dir=str(out), name=f"{name}_s{seed}", scale=quick * args.scale)
         run.seed, run.init, run.stages = seed, tower, run.stages[TOWER_STAGES:]
         edit_mixture(run, str(data), args.edits)
+        set_steps(run, [e for e in args.step_edits if e.split("=")[0] not in TOWER_STAGE_NAMES], quick)
         t0 = time.perf_counter()
         final = Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit()
         train_s = time.perf_counter() - t0
@@ -102,7 +188,9 @@ def main() -> None:
                           "tasks": {k: v["score"] for k, v in report["tasks"].items()},
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}
         print(f"[seeds] {name} seed {seed}: {report['accuracy']:.3f} ({train_s:.0f} s)", flush=True)
-    (out / f"{name}.json").write_text(json.dumps({"edits": args.edits, "tower": tower, "seeds": per_seed}, indent=1))
+    record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits, "tower_scale": args.tower_scale, "scale": args.scale,
+              "tower": tower, "seeds": per_seed}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     seeds = sorted(per_seed)
     tasks = sorted(per_seed[seeds[0]]["tasks"])
     overall = [per_seed[s]["accuracy"] for s in seeds]
