@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table  # noqa: E402
 
-TOWER_STAGES = 2
-TOWER_STAGE_NAMES = ("vit_dense", "vit_read")
+TOWER_STAGE_NAMES = ("vit_dense", "vit_read")  # the recipe's first stages: they train only the ViT
+TOWER_STAGES = len(TOWER_STAGE_NAMES)
 
 
 def set_steps(run, edits: list[str], scale: float = 1.0) -> None:
@@ -86,6 +86,7 @@ def retower(tower: str, edits: list[str], out: Path) -> str:
     model config's own fields (e.g. visual_position_code): its ViT weights kept, its adapter and LLM initialised
     anew (seed 0), as a tower's are (the SAIL-ViT stages train only the ViT)."""
     import dataclasses
+    import hashlib
     import shutil
 
     import torch
@@ -99,8 +100,6 @@ def retower(tower: str, edits: list[str], out: Path) -> str:
             except ValueError:
                 pass
         return v
-
-    import hashlib
 
     source = str(Path(tower).resolve())  # one directory per (tower, edits): edits of two towers never collide
     tag = hashlib.sha1(source.encode()).hexdigest()[:8]
@@ -161,10 +160,10 @@ def main() -> None:
                          or "recipe")
     prepare_tiny(tiny(data_dir=str(data)), **(dict(n_train=600, n_eval=76) if args.quick else {}))
     tower = args.tower
-    if tower is not None and (args.tower_scale != 1 or any(e.split("=")[0] in TOWER_STAGE_NAMES for e in args.step_edits)):
+    tower_edits = [e for e in args.step_edits if e.split("=")[0] in TOWER_STAGE_NAMES]
+    if tower is not None and (args.tower_scale != 1 or tower_edits):
         raise SystemExit("--tower names a trained tower: --tower-scale and --steps for its stages do not apply")
     if tower is None:
-        tower_edits = [e for e in args.step_edits if e.split("=")[0] in TOWER_STAGE_NAMES]
         tower_name = "tower" + ("" if args.tower_scale == 1 else f"_x{args.tower_scale:g}") + "".join(
             "_" + e.replace("=", "") for e in tower_edits)
         run = tiny(data_dir=str(data), out_dir=str(out), name=tower_name, scale=quick * args.tower_scale)
@@ -178,7 +177,7 @@ def main() -> None:
         run = tiny(data_dir=str(data), out_dir=str(out), name=f"{name}_s{seed}", scale=quick * args.scale)
         run.seed, run.init, run.stages = seed, tower, run.stages[TOWER_STAGES:]
         edit_mixture(run, str(data), args.edits)
-        set_steps(run, [e for e in args.step_edits if e.split("=")[0] not in TOWER_STAGE_NAMES], quick)
+        set_steps(run, [e for e in args.step_edits if e not in tower_edits], quick)
         t0 = time.perf_counter()
         final = Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit()
         train_s = time.perf_counter() - t0
@@ -188,8 +187,8 @@ def main() -> None:
                           "tasks": {k: v["score"] for k, v in report["tasks"].items()},
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}
         print(f"[seeds] {name} seed {seed}: {report['accuracy']:.3f} ({train_s:.0f} s)", flush=True)
-    record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits, "tower_scale": args.tower_scale, "scale": args.scale,
-              "tower": tower, "seeds": per_seed}
+    record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits,
+              "tower_scale": args.tower_scale, "scale": args.scale, "tower": tower, "seeds": per_seed}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     seeds = sorted(per_seed)
     tasks = sorted(per_seed[seeds[0]]["tasks"])
