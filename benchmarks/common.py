@@ -43,11 +43,15 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
                                 (f"{x:.2f}" if isinstance(x, float) else str(x)) for x in r) + " |")
 
 
-def fresh_on_tower(tower: str, out: Path, std: float | None = None) -> Path:
+def fresh_on_tower(tower: str, out: Path, std: float | None = None, overrides: list[str] = ()) -> Path:
     """A model directory at `out`: the ViT of the model directory `tower`, adapter and LLM drawn afresh (seed 0;
-    LLM init std `std`, or the tower's config's), with the tower's processor and tokenizer."""
+    LLM init std `std`, or the tower's config's), with the tower's processor and tokenizer. `overrides` edit the
+    model config first (`sailvl.config.apply_overrides`: `visual_position_code=0.3`, `llm_config.head_dim=32`).
+    With no shape change (and no `std`) the fresh adapter and LLM are the tower run's own initial weights, which
+    a run of seed 0 also draws first."""
     import dataclasses
 
+    from sailvl.config import SailVLConfig, apply_overrides
     from sailvl.data.processor import Processor
     from sailvl.model.vlm import SailVL
 
@@ -55,6 +59,8 @@ def fresh_on_tower(tower: str, out: Path, std: float | None = None) -> Path:
     cfg = base.config
     if std is not None:
         cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, initializer_range=std))
+    if overrides:  # through a dict and back, so the edited config is validated like a loaded one
+        cfg = SailVLConfig.from_dict(apply_overrides(SailVLConfig.from_dict(cfg.to_dict()), list(overrides)).to_dict())
     torch.manual_seed(0)
     model = SailVL(cfg)
     model.vision_model.load_state_dict(base.vision_model.state_dict())

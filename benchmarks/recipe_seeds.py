@@ -17,10 +17,11 @@ tower, the VLM stages per seed, mixture edits; 2-core CPU, ~9.5 min per seed, th
 | (the recipe before session 21) | 0.639 (math_cot 0.66) | 0.559 (math_cot 0.48) |
 | --set pretrain_multitask.math_cot=0.2 --set sft.math_cot=0.3 (adopted) | 0.659 (math_cot 1.00) | 0.629 (1.00) |
 
-`--model KEY=VALUE` edits the model config (an LLM config field such as num_attention_heads, or the model's own
-such as visual_position_code): the tower's ViT is kept and the adapter and LLM are initialised anew (seed 0, as
-the tower run's are; with no shape change they are the same weights). `--tower-scale` and `--scale` multiply the
-SAIL-ViT and the VLM stages' steps (e.g. a smaller tower and the time it frees given to the VLM stages).
+`--model KEY=VALUE` edits the model config (`visual_position_code=0.3`, `llm_config.num_attention_heads=8`; dotted
+keys as `sailvl train` overrides take them): the tower's ViT is kept and the adapter and LLM are initialised anew
+(`common.fresh_on_tower`: seed 0, as the tower run's are; with no shape change they are the same weights).
+`--tower-scale` and `--scale` multiply the SAIL-ViT and the VLM stages' steps (e.g. a smaller tower and the time
+it frees given to the VLM stages).
 
 Run: .venv/bin/python benchmarks/recipe_seeds.py [--data runs/seeds/data] [--out runs/seeds] [--seeds 0,1]
      [--set sft.math_cot=0.3 ...] [--model visual_position_code=0.3 ...] [--steps vit_read=500 ...]
@@ -38,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import fresh_on_tower, print_table  # noqa: E402
 
 TOWER_STAGE_NAMES = ("vit_dense", "vit_read")  # the recipe's first stages: they train only the ViT
 TOWER_STAGES = len(TOWER_STAGE_NAMES)
@@ -82,50 +83,18 @@ def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
 
 
 def retower(tower: str, edits: list[str], out: Path) -> str:
-    """A copy of model directory `tower` with `KEY=VALUE` edits (ints, floats or strings) to its LLM config or to the
-    model config's own fields (e.g. visual_position_code): its ViT weights kept, its adapter and LLM initialised
-    anew (seed 0), as a tower's are (the SAIL-ViT stages train only the ViT)."""
-    import dataclasses
+    """`common.fresh_on_tower` with the model-config `edits`, once per (tower, edits) under `out`."""
     import hashlib
-    import shutil
-
-    import torch
-
-    from sailvl.model.vlm import SailVL
-
-    def value(v: str):
-        for cast in (int, float):
-            try:
-                return cast(v)
-            except ValueError:
-                pass
-        return v
 
     source = str(Path(tower).resolve())  # one directory per (tower, edits): edits of two towers never collide
     tag = hashlib.sha1(source.encode()).hexdigest()[:8]
     dest = out / (f"retower_{tag}_" + "_".join(e.replace("=", "") for e in edits))
-    if (dest / "model.safetensors").exists():
-        return str(dest)
-    old = SailVL.from_pretrained(tower, dtype=torch.float32)
-    llm_fields = {f.name for f in dataclasses.fields(old.config.llm_config)}
-    top_fields = {f.name for f in dataclasses.fields(old.config)} - {"llm_config", "vision_config"}
-    llm, top = {}, {}
-    for edit in edits:
-        key, sep, v = edit.partition("=")
-        if not sep or key not in llm_fields | top_fields:
-            raise SystemExit(f"--model wants KEY=VALUE with KEY a field of the LLM or model config, got {edit!r}; "
-                             f"fields: {', '.join(sorted(llm_fields | top_fields))}")
-        (llm if key in llm_fields else top)[key] = value(v)
-    config = dataclasses.replace(old.config, llm_config=dataclasses.replace(old.config.llm_config, **llm), **top)
-    torch.manual_seed(0)
-    new = SailVL(config)
-    new.vision_model.load_state_dict(old.vision_model.state_dict())
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in Path(tower).iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, dest / f.name)
-    new.save_pretrained(dest)
-    (dest / "SOURCE").write_text(f"{source}\n{' '.join(edits)}\n")
+    if not (dest / "model.safetensors").exists():
+        try:
+            fresh_on_tower(tower, dest, overrides=edits)
+        except ValueError as e:  # an unknown key, with the closest known ones
+            raise SystemExit(f"--model: {e}") from None
+        (dest / "SOURCE").write_text(f"{source}\n{' '.join(edits)}\n")
     return str(dest)
 
 
@@ -138,7 +107,7 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="default: the edits, or 'recipe'")
     ap.add_argument("--tower", default=None, help="a model directory to start the VLM stages from")
     ap.add_argument("--model", dest="model_edits", action="append", default=[], metavar="KEY=VALUE",
-                    help="a model config edit (LLM config or the model's own fields): the tower's ViT with an "
+                    help="a model config edit (dotted, e.g. llm_config.head_dim=32): the tower's ViT with an "
                          "adapter and LLM initialised anew")
     ap.add_argument("--steps", dest="step_edits", action="append", default=[], metavar="STAGE=N",
                     help="a stage's step count (a SAIL-ViT stage: a tower of its own, named after the edits)")
