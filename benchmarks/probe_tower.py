@@ -7,7 +7,7 @@ every place separately); `mil`: one classifier on every patch, log-sum-exp over 
 thing is). The table gives train / held-out accuracy against the majority class. A tower that reads should give
 >= 0.9 held out on single characters; the demo's (README) gives about 0.2.
 
-Run: .venv/bin/python benchmarks/probe_tower.py runs/demo/01_vit_read/model [--iters 1000] [--lr 1e-2]
+Run: .venv/bin/python benchmarks/probe_tower.py runs/demo/01_vit_read/model [--iters 1000] [--lr 1e-2] [--only chart]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--only", default="", help="run the probes whose name contains this (e.g. chart)")
     args = ap.parse_args()
     from sailvl import load
     from sailvl.recipes.tiny import BASICS_WORLD, TINY_WORLD
@@ -85,7 +86,13 @@ def main() -> None:
               ("first character of an OCR text", "ocr", TINY_WORLD, lambda r: r["answer"][0]),
               ("number of objects", "vqa_count", TINY_WORLD, lambda r: str(len(r["meta"]["scene"]))),
               ("first operand of an equation", "math_direct", TINY_WORLD, lambda r: str(r["meta"]["a"])),
-              ("table cell at row 1, column 1", "table", TINY_WORLD, lambda r: str(r["meta"]["cells"][0][0]))]
+              ("table cell at row 1, column 1", "table", TINY_WORLD, lambda r: str(r["meta"]["cells"][0][0])),
+              ("label of a chart's first item", "chart", TINY_WORLD, lambda r: r["meta"]["labels"][0]),
+              ("label of a chart's middle item", "chart", TINY_WORLD, lambda r: r["meta"]["labels"][1]),
+              ("value of a chart's first item", "chart", TINY_WORLD, lambda r: str(r["meta"]["values"][0]))]
+    probes = [p for p in probes if args.only in p[0]]
+    if not probes:
+        raise SystemExit(f"--only {args.only!r} matches no probe")
     rows = []
     for name, task, world, label in probes:
         f_tr, y_tr = draw(model, pipe.processor, task, world, args.n, 1, label)

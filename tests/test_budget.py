@@ -106,6 +106,22 @@ def test_kept_stages_are_planned_whole_while_the_others_absorb_the_cut(tmp_path)
     assert budget_at(tmp_path / "all", 310, elapsed=0, probe_s=2.0, ref=ref).plan_all(s)[1].steps == 50
 
 
+def test_the_keep_reserve_holds_back_part_of_the_kept_stages_time_from_the_others(tmp_path):
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, keep=("b",),
+                    keep_reserve=0.25)
+    s = stages(a=100, b=50)  # at speed 2: a 200 s, b 200 s (+ 50 s held back); 300 s left
+    b = budget_at(tmp_path, 310, elapsed=0, probe_s=2.0, ref=ref)
+    assert b.scale_for(s, 0) == pytest.approx(0.25, abs=1e-3)  # a: (300 - 200 - 50) / 200
+    assert b.scale_for(s, 1) == pytest.approx(1.0)  # b itself: no reserve against itself, it fits whole
+    assert budget_at(tmp_path / "all", 310, elapsed=0, probe_s=2.0, ref=ref).factors(s) == pytest.approx([0.25, 1.0],
+                                                                                                        abs=1e-3)
+    # the whole recipe fits but not with the reserve: a is cut to leave it (no growing into it either)
+    tight = budget_at(tmp_path / "tight", 430, elapsed=0, probe_s=2.0, ref=ref)  # 420 s left of 400 + 50
+    assert tight.scale_for(s, 0) == pytest.approx(0.85, abs=1e-3)  # (420 - 250) / 200
+    # with time to spare beyond the reserve, nothing changes
+    assert budget_at(tmp_path / "easy", 500, elapsed=0, probe_s=2.0, ref=ref).factors(s) == [1.0, 1.0]
+
+
 def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
     ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=2.0,
                     grow_reserve=0.0)

@@ -17,8 +17,9 @@ or smaller than it needs to be in fast ones. `Budget` instead scales the stages'
 
 Stage step counts (and so the schedules) are fixed when a stage starts and never change inside one. Stages named in
 `Reference.keep` are planned whole while the others can absorb the cut (on the tiny demo, the short thinking stages:
-squeezed, math_cot fell 0.82 -> 0.08); among the others one factor did better than sparing either the SAIL-ViT or
-the VLM stages (README, session 15).
+squeezed, math_cot fell 0.82 -> 0.08), with a reserve of their time (`Reference.keep_reserve`) against the stages
+before them running slower than predicted; among the others one factor did better than sparing either the SAIL-ViT
+or the VLM stages (README, session 15).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class Reference:
     # down later, and a cut then falls on the last stages, the kept ones too (a demo in a fast hour that slowed: the
     # thinking stages cut to 0.8 of their steps, math_cot 0.80 -> 0.18)
     grow_reserve: float = 0.15
+    # when the others absorb a cut, the kept stages' time is counted this fraction larger: the stage before them may
+    # run slower than predicted, and what it overruns then comes off the kept stages (a default demo in a slow hour:
+    # sft ran 25% over its prediction, longcot_sft and think_fusion_sft got 0.58 / 0.54 of their steps, math_cot
+    # 0.98 -> 0.64)
+    keep_reserve: float = 0.0
 
 
 class Budget:
@@ -138,18 +144,24 @@ class Budget:
     def scale_for(self, stages: list[Stage], si: int) -> float:
         """The factor for stage si as things stand: with the time left (less the room for what follows training)
         short of what stages si.. need at full size, the factor that fits, at most 1, where stages in
-        `reference.keep` count at full size and the others share what is left (a kept stage itself gets the factor
-        of all stages left); with time to spare, stages in `reference.grow` share it, less `grow_reserve` (at most
-        `max_grow`), and the others get 1."""
+        `reference.keep` count at full size plus `keep_reserve` of it and the others share what is left (a kept
+        stage itself gets the factor of all stages left); with time to spare (beyond that reserve), stages in
+        `reference.grow` share it, less `grow_reserve` (at most `max_grow`), and the others get 1."""
         left, rest = self._left(), stages[si:]
-        spare = left - self.predicted_s(rest)
+        kept, held = self._kept(rest)
+        spare = left - held - self.predicted_s(rest)
         if spare >= 0:
             return self._grow_factor(rest, spare) if stages[si].name in self.ref.grow else 1.0
-        if stages[si].name not in self.ref.keep:  # the kept stages' time first, the others share what is left
-            left -= self.predicted_s([s for s in rest if s.name in self.ref.keep])
+        if kept:  # the kept stages' time first, the others share what is left
+            left -= held + self.predicted_s(kept)
             rest = [s for s in rest if s.name not in self.ref.keep]
         need = self.predicted_s(rest)
         return max(0.0, min(1.0, left / need)) if need > 0 else 1.0
+
+    def _kept(self, rest: list[Stage]) -> tuple[list[Stage], float]:
+        """The kept stages after rest[0] plans (none when rest[0] is one of them) and the seconds held back for them."""
+        kept = [] if rest[0].name in self.ref.keep else [s for s in rest if s.name in self.ref.keep]
+        return kept, self.ref.keep_reserve * self.predicted_s(kept)
 
     def _left(self) -> float:
         return self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
@@ -179,7 +191,7 @@ class Budget:
     def factors(self, stages: list[Stage]) -> list[float]:
         """Each stage's factor if all of them were planned now: when cut, the kept stages whole and the others by
         one factor; with time to spare, the growing stages by one factor and the others whole."""
-        spare = self._left() - self.predicted_s(stages)
+        spare = self._left() - self._kept(stages)[1] - self.predicted_s(stages)
         if spare >= 0:
             grow = self._grow_factor(stages, spare)
             return [grow if s.name in self.ref.grow else 1.0 for s in stages]
