@@ -115,7 +115,7 @@ def test_the_keep_reserve_holds_back_part_of_the_kept_stages_time_from_the_other
     assert b.scale_for(s, 1) == pytest.approx(1.0)  # b itself: no reserve against itself, it fits whole
     assert budget_at(tmp_path / "all", 310, elapsed=0, probe_s=2.0, ref=ref).factors(s) == pytest.approx([0.25, 1.0],
                                                                                                         abs=1e-3)
-    # the whole recipe fits but not with the reserve: a is cut to leave it (no growing into it either)
+    # the whole recipe fits but not with the reserve: a is cut to leave it
     tight = budget_at(tmp_path / "tight", 430, elapsed=0, probe_s=2.0, ref=ref)  # 420 s left of 400 + 50
     assert tight.scale_for(s, 0) == pytest.approx(0.85, abs=1e-3)  # (420 - 250) / 200
     # with time to spare beyond the reserve, nothing changes

@@ -190,7 +190,8 @@ class Budget:
 
     def factors(self, stages: list[Stage]) -> list[float]:
         """Each stage's factor if all of them were planned now: when cut, the kept stages whole and the others by
-        one factor; with time to spare, the growing stages by one factor and the others whole."""
+        one factor (`scale_for`, the keep reserve held back); with time to spare beyond that reserve, the growing
+        stages by one factor and the others whole."""
         spare = self._left() - self._kept(stages)[1] - self.predicted_s(stages)
         if spare >= 0:
             grow = self._grow_factor(stages, spare)

@@ -69,7 +69,9 @@ class World:
     # grid 0.98 (benchmarks/typeset_glyphs.py) - sub-patch offsets are what a from-scratch tower learns slowest.
     text_grid: int = 0
     # typeset chart values and labels too (with text_grid > 0). Off by default: on the tiny demo (seed 0) it took
-    # chart 0.20 -> 0.30 but the whole 0.55 -> 0.51 (table 0.60 -> 0.44, math_cot 0.76 -> 0.42), one run each
+    # chart 0.20 -> 0.30 but the whole 0.55 -> 0.51 (table 0.60 -> 0.44, math_cot 0.76 -> 0.42), one run each; with
+    # chart_font=20 (data, tokenizer, tower anew; seeds 0 / 1 / 2) 0.649 / 0.659 / 0.633 against 0.664 / 0.656 / 0.658,
+    # chart 0.26 / 0.22 / 0.18, table 0.34 / 0.32 / 0.32 against 0.44 (README, session 23)
     chart_typeset: bool = False
     max_operand: int = 9                       # arithmetic operands are 0..max_operand
     math_ops: tuple[str, ...] = ("+",)         # any of "+", "-", "*"
