@@ -25,6 +25,7 @@ it frees given to the VLM stages).
 
 Run: .venv/bin/python benchmarks/recipe_seeds.py [--data runs/seeds/data] [--out runs/seeds] [--seeds 0,1]
      [--set sft.math_cot=0.3 ...] [--model visual_position_code=0.3 ...] [--steps vit_read=500 ...]
+     [--vision vit_dense.bind=1 ...]
      [--tower-scale 0.5] [--scale 1.18]
      [--name NAME] [--tower MODEL_DIR] [--quick]
 """
@@ -55,6 +56,23 @@ def set_steps(run, edits: list[str], scale: float = 1.0) -> None:
         if name not in stages:
             raise SystemExit(f"--steps {edit}: no stage {name!r} here; stages: {', '.join(stages)}")
         stages[name].steps = max(1, int(round(int(n) * scale)))
+
+
+def set_vision(run, edits: list[str]) -> None:
+    """Apply `STAGE.OPTION=VALUE` edits (VALUE as JSON) to a RunConfig's vision stages' options (in place)."""
+    stages = {s.name: s for s in run.stages}
+    for edit in edits:
+        target, sep, value = edit.partition("=")
+        stage_name, dot, option = target.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--vision wants STAGE.OPTION=VALUE, got {edit!r}")
+        if stage_name not in stages or stages[stage_name].kind != "vision":
+            raise SystemExit(f"--vision {edit}: {stage_name!r} is not a vision stage here")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        stages[stage_name].vision = {**(stages[stage_name].vision or {}), option: parsed}
 
 
 def edit_mixture(run, data_dir: str, edits: list[str]) -> None:
@@ -111,6 +129,8 @@ def main() -> None:
                          "adapter and LLM initialised anew")
     ap.add_argument("--steps", dest="step_edits", action="append", default=[], metavar="STAGE=N",
                     help="a stage's step count (a SAIL-ViT stage: a tower of its own, named after the edits)")
+    ap.add_argument("--vision", dest="vision_edits", action="append", default=[], metavar="STAGE.OPTION=VALUE",
+                    help="a SAIL-ViT stage's vision option (e.g. vit_dense.bind=1): a tower of its own")
     ap.add_argument("--tower-scale", type=float, default=1.0, help="multiplies the SAIL-ViT stages' steps")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the VLM stages' steps")
     ap.add_argument("--quick", action="store_true", help="tiny data and 1%% of the steps (a smoke run)")
@@ -125,19 +145,22 @@ def main() -> None:
     _tune_malloc()
     out, data = Path(args.out), Path(args.data)
     quick = 0.01 if args.quick else 1.0
-    name = args.name or ("_".join(e.replace("=", "") for e in args.model_edits + args.step_edits + args.edits)
+    name = args.name or ("_".join(e.replace("=", "") for e in
+                                  args.vision_edits + args.model_edits + args.step_edits + args.edits)
                          or "recipe")
     prepare_tiny(tiny(data_dir=str(data)), **(dict(n_train=600, n_eval=76) if args.quick else {}))
     tower = args.tower
     tower_edits = [e for e in args.step_edits if e.split("=")[0] in TOWER_STAGE_NAMES]
-    if tower is not None and (args.tower_scale != 1 or tower_edits):
-        raise SystemExit("--tower names a trained tower: --tower-scale and --steps for its stages do not apply")
+    if tower is not None and (args.tower_scale != 1 or tower_edits or args.vision_edits):
+        raise SystemExit("--tower names a trained tower: --tower-scale, --vision and --steps for its stages do not "
+                         "apply")
     if tower is None:
         tower_name = "tower" + ("" if args.tower_scale == 1 else f"_x{args.tower_scale:g}") + "".join(
-            "_" + e.replace("=", "") for e in tower_edits)
+            "_" + e.replace("=", "") for e in tower_edits + args.vision_edits)
         run = tiny(data_dir=str(data), out_dir=str(out), name=tower_name, scale=quick * args.tower_scale)
         run.stages = run.stages[:TOWER_STAGES]
         set_steps(run, tower_edits, quick)
+        set_vision(run, args.vision_edits)
         tower = str(Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit())
     if args.model_edits:
         tower = retower(tower, args.model_edits, out)
@@ -156,7 +179,7 @@ def main() -> None:
                           "tasks": {k: v["score"] for k, v in report["tasks"].items()},
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}
         print(f"[seeds] {name} seed {seed}: {report['accuracy']:.3f} ({train_s:.0f} s)", flush=True)
-    record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits,
+    record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits, "vision": args.vision_edits,
               "tower_scale": args.tower_scale, "scale": args.scale, "tower": tower, "seeds": per_seed}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     seeds = sorted(per_seed)

@@ -4,6 +4,7 @@ trainer running the budgeted step counts."""
 import json
 import math
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -140,6 +141,22 @@ def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
     # max_grow 1 (the default): the recipe is the most a run trains
     assert budget_at(tmp_path / "one", 10_000, elapsed=0, probe_s=1.0,
                      ref=Reference(step_s=ref.step_s, probe_s=1.0, grow=("b",))).scale_for(s, 1) == 1.0
+
+
+def test_the_last_stage_may_grow_past_max_grow_up_to_last_max_grow(tmp_path):
+    """Planned last, from the speed the other stages measured, it takes the time a late speed-up leaves over."""
+    ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("a", "b"),
+                    max_grow=2.0, last_max_grow=4.0, grow_reserve=0.0)
+    s = stages(a=100, b=50)  # 200 s at the reference's speed
+    b = budget_at(tmp_path, 710, elapsed=0, probe_s=1.0, ref=ref)  # 700 s left: 500 s to spare
+    assert b.stage(s, 0).steps == 200  # a: capped at max_grow
+    b._running = ("a", 200, time.perf_counter() - 200.0)  # a ran at the reference's speed
+    b.start = time.perf_counter() - 200.0
+    assert b.stage(s, 1).steps == 200  # 500 s left for b's 100 s at full size: 5x, capped at 4x, not 2x
+    assert budget_at(tmp_path / "all", 710, elapsed=0, probe_s=1.0, ref=ref).factors(s) == [2.0, 2.0]
+    # by default the last stage's cap is max_grow
+    plain = budget_at(tmp_path / "plain", 310, elapsed=0, probe_s=1.0, ref=replace(ref, last_max_grow=None))
+    assert plain.scale_for(s, 1) == pytest.approx(2.0)
 
 
 def test_growth_leaves_a_reserve_of_the_time_the_stages_left_need(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sailvl.config import tiny_config
 from sailvl.data.synth import render as R
-from sailvl.data.synth.dense import (CHARS, HEADS, IGNORE, IMAGE_TEXT, MIN_PIXELS, READ_KINDS, TEXT_SLOTS, DenseStream,
+from sailvl.data.synth.dense import (BIND_HEADS, CHARS, HEADS, IGNORE, IMAGE_TEXT, MIN_PIXELS, READ_KINDS, TEXT_SLOTS, DenseStream,
                                      Element, _Canvas, _write, transcript_label)
 from sailvl.data.synth.scene import Obj, draw_obj
 from sailvl.data.synth.world import BACKGROUND, World
@@ -80,6 +80,47 @@ def test_every_kind_labels_what_it_draws():
     with pytest.raises(ValueError, match="unknown dense image kinds"):
         DenseStream(World(), kinds={"photos": 1})
     assert len(CHARS) == len(HEADS["char"]) - 1
+
+
+def test_binding_labels_join_each_chart_item_and_table_cell_to_its_keys():
+    """Chart: the label, the bar and the value text of an item all carry the item's label letter, value and rank;
+    table: every cell carries its column's and its row's header letters. Nothing else gets a binding label."""
+    rng = random.Random(0)
+    for _ in range(5):
+        img, lab = DenseStream(World(), kinds={"chart": 1}).sample(rng)
+        key, value, rank, char = lab["key"], lab["value"], lab["rank"], lab["char"]
+        assert ((key > 0) == (lab["colour"] > 0)).all()  # every painted patch (label, bar, value) and only those
+        items = {}
+        for k in np.unique(key[key > 0]):
+            m = key == k
+            vals, ranks = set(np.unique(value[m])), set(np.unique(rank[m]))
+            assert len(vals) == 1 and len(ranks) == 1  # one item: one value, one rank
+            items[BIND_HEADS["key"][k]] = (int(BIND_HEADS["value"][vals.pop()]), BIND_HEADS["rank"][ranks.pop()])
+            # the label letter itself is among the item's patches (the bottom row), and so is the value's digit
+            assert HEADS["char"].index(BIND_HEADS["key"][k]) in set(np.unique(char[m]))
+            assert HEADS["char"].index(str(items[BIND_HEADS["key"][k]][0])) in set(np.unique(char[m]))
+        assert len(items) == World().chart_items
+        by_value = sorted(items.values())
+        assert by_value[0][1] == "lowest" and by_value[-1][1] == "highest"
+        assert all(r == "other" for _, r in by_value[1:-1])
+        assert not lab["row_key"].any()
+    img, lab = DenseStream(World(), kinds={"table": 1}).sample(random.Random(0))
+    char, key, row_key = lab["char"], lab["key"], lab["row_key"]
+    col_head, row_head, cell = (key > 0) & (row_key == 0), (key == 0) & (row_key > 0), (key > 0) & (row_key > 0)
+    assert ((char > 0) == (col_head | row_head | cell)).all()
+    # a header is keyed by itself; a cell by the headers of its column (same x) and of its row (same y)
+    assert (key[col_head] == char[col_head]).all() and (row_key[row_head] == char[row_head]).all()
+    ys, xs = np.indices(char.shape)
+    for k in np.unique(key[cell]):
+        assert abs(xs[cell & (key == k)].mean() - xs[col_head & (key == k)].mean()) <= 1
+    for k in np.unique(row_key[cell]):
+        assert abs(ys[cell & (row_key == k)].mean() - ys[row_head & (row_key == k)].mean()) <= 1
+    assert len(np.unique(key[cell])) == World().table_shape[1] and len(np.unique(row_key[cell])) == World().table_shape[0]
+    for kind in ("scene", "text", "glyph"):
+        _, lab = DenseStream(World(), kinds={kind: 1}).sample(random.Random(1))
+        assert not any(lab[h].any() for h in BIND_HEADS), kind
+    _, lab = DenseStream(World(), kinds={"read_chart": 1}).sample(random.Random(1))
+    assert all((lab[h] == IGNORE).all() for h in BIND_HEADS)
 
 
 def decode(label) -> str:
@@ -181,6 +222,27 @@ def test_position_heads_make_the_tower_keep_where_each_patch_is(tok, tmp_path):
     for head in ("acc_row", "acc_col"):
         first, last = np.mean([r[head] for r in recs[:3]]), np.mean([r[head] for r in recs[-3:]])
         assert last > 0.3 and last > 1.5 * first, (head, first, last)
+
+
+def test_binding_heads_train_under_the_bind_option(tok, tmp_path):
+    from sailvl.train.vision import DenseHeads
+    out = DenseHeads(16, bind=True)(torch.zeros(3, 16, 16))
+    assert all(out[h].shape == (3, 16, len(v)) for h, v in BIND_HEADS.items())
+    assert "key" not in DenseHeads(16)(torch.zeros(3, 16, 16))
+    first = {}
+    for w in (0.0, 1.0, 2.0):  # the same model, heads and first batch: the binding heads add w x their loss
+        run = vision_run(tok, tmp_path / f"w{w}", steps=2)
+        run.stages[0].vision.update(bind=w, kinds={"chart": 1, "table": 1})
+        Trainer(run, quiet=True).fit()
+        first[w] = json.loads((tmp_path / f"w{w}" / "v" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "acc_key" not in first[0.0] and all(f"acc_{h}" in first[1.0] for h in BIND_HEADS)
+    extra = first[1.0]["loss"] - first[0.0]["loss"]
+    assert extra > 1.0  # four fresh classifiers' cross-entropy
+    assert first[2.0]["loss"] - first[0.0]["loss"] == pytest.approx(2 * extra, rel=1e-3)
+    bad = vision_run(tok, tmp_path / "neg", steps=1)
+    bad.stages[0].vision["bind"] = -1.0
+    with pytest.raises(ValueError, match="bind must be >= 0"):
+        Trainer(bad, quiet=True).fit()
 
 
 def test_vision_stage_resumes_exactly(tok, tmp_path, monkeypatch):

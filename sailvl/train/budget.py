@@ -100,6 +100,11 @@ class Reference:
     # stages that share time to spare, up to max_grow times their steps (1: the recipe is the most a run trains)
     grow: tuple[str, ...] = ()
     max_grow: float = 1.0
+    # the cap for the run's last stage when it grows (None: max_grow). It is planned when every other stage has run,
+    # from their measured speed, and no stage after it can lose time to it: a machine that sped up late otherwise
+    # leaves time unused (a default demo: the thinking stages at their 2x cap, 108 s of the budget left, README
+    # session 23)
+    last_max_grow: float | None = None
     # growing stages leave this fraction of the time the stages left need at full size unspent: the machine may slow
     # down later, and a cut then falls on the last stages, the kept ones too (a demo in a fast hour that slowed: the
     # thinking stages cut to 0.8 of their steps, math_cot 0.80 -> 0.18)
@@ -146,12 +151,16 @@ class Budget:
         short of what stages si.. need at full size, the factor that fits, at most 1, where stages in
         `reference.keep` count at full size plus `keep_reserve` of it and the others share what is left (a kept
         stage itself gets the factor of all stages left); with time to spare (beyond that reserve), stages in
-        `reference.grow` share it, less `grow_reserve` (at most `max_grow`), and the others get 1."""
+        `reference.grow` share it, less `grow_reserve` (at most `max_grow`; the last stage at most `last_max_grow`),
+        and the others get 1."""
         left, rest = self._left(), stages[si:]
         kept, held = self._kept(rest)
         spare = left - held - self.predicted_s(rest)
         if spare >= 0:
-            return self._grow_factor(rest, spare) if stages[si].name in self.ref.grow else 1.0
+            if stages[si].name not in self.ref.grow:
+                return 1.0
+            last = si == len(stages) - 1 and self.ref.last_max_grow is not None
+            return self._grow_factor(rest, spare, self.ref.last_max_grow if last else self.ref.max_grow)
         if kept:  # the kept stages' time first, the others share what is left
             left -= held + self.predicted_s(kept)
             rest = [s for s in rest if s.name not in self.ref.keep]
@@ -166,11 +175,13 @@ class Budget:
     def _left(self) -> float:
         return self.seconds * self.ref.margin - (time.perf_counter() - self.start) - self.ref.other_s
 
-    def _grow_factor(self, rest: list[Stage], spare: float) -> float:
-        """The growing stages' factor for `spare` seconds beyond what `rest` needs at full size, less the reserve."""
+    def _grow_factor(self, rest: list[Stage], spare: float, cap: float | None = None) -> float:
+        """The growing stages' factor for `spare` seconds beyond what `rest` needs at full size, less the reserve,
+        at most `cap` (default max_grow)."""
         growing = self.predicted_s([s for s in rest if s.name in self.ref.grow])
         spare -= self.ref.grow_reserve * self.predicted_s(rest)
-        return min(self.ref.max_grow, 1.0 + max(0.0, spare) / growing) if growing > 0 else 1.0
+        cap = self.ref.max_grow if cap is None else cap
+        return min(cap, 1.0 + max(0.0, spare) / growing) if growing > 0 else 1.0
 
     def stage(self, stages: list[Stage], si: int) -> Stage:
         """Stage si as it runs under the budget (its steps scaled; at least 1), recorded for --resume."""
@@ -191,7 +202,8 @@ class Budget:
     def factors(self, stages: list[Stage]) -> list[float]:
         """Each stage's factor if all of them were planned now: when cut, the kept stages whole and the others by
         one factor (`scale_for`, the keep reserve held back); with time to spare beyond that reserve, the growing
-        stages by one factor and the others whole."""
+        stages by one factor (at most max_grow, the last stage's `last_max_grow` aside: it is for a run planned stage
+        by stage) and the others whole."""
         spare = self._left() - self._kept(stages)[1] - self.predicted_s(stages)
         if spare >= 0:
             grow = self._grow_factor(stages, spare)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..checkpoint.state import latest_checkpoint
-from ..data.synth.dense import HEADS, IGNORE, IMAGE_TEXT, TEXT_SLOTS, DenseStream
+from ..data.synth.dense import BIND_HEADS, HEADS, IGNORE, IMAGE_TEXT, TEXT_SLOTS, DenseStream
 from ..data.synth.world import World
 from ..distributed.checkpoint import load_train_state, save_train_state
 from .optim import apply_trainable, build_optimizer, lr_at, set_lr
@@ -54,20 +54,23 @@ def position_labels(n: int, grid: int) -> dict[str, torch.Tensor]:
 
 class DenseHeads(nn.Module):
     """One linear classifier per label head over the ViT's patch features, a small MLP reading the image's
-    transcript (TEXT_SLOTS characters) from the mean of all patch features, and (grid > 0) the position heads."""
+    transcript (TEXT_SLOTS characters) from the mean of all patch features, (grid > 0) the position heads and (bind)
+    the binding heads (dense.BIND_HEADS)."""
 
-    def __init__(self, width: int, grid: int = 0):
+    def __init__(self, width: int, grid: int = 0, bind: bool = False):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.Linear(width, len(vocab)) for name, vocab in HEADS.items()})
         self.image_text = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
                                         nn.Linear(4 * width, TEXT_SLOTS * len(HEADS["char"])))
         self.where = nn.ModuleDict({name: nn.Linear(width, grid + 1) for name in POSITION}) if grid else None
+        self.bind = nn.ModuleDict({name: nn.Linear(width, len(v)) for name, v in BIND_HEADS.items()}) if bind else None
 
     def forward(self, feats_NPD: torch.Tensor) -> dict[str, torch.Tensor]:
         text = self.image_text(feats_NPD.mean(1)).view(len(feats_NPD), TEXT_SLOTS, len(HEADS["char"]))
         out = {**{name: head(feats_NPD) for name, head in self.heads.items()}, IMAGE_TEXT: text}
-        if self.where is not None:
-            out.update({name: head(feats_NPD) for name, head in self.where.items()})
+        for extra in (self.where, self.bind):
+            if extra is not None:
+                out.update({name: head(feats_NPD) for name, head in extra.items()})
         return out
 
 
@@ -145,10 +148,11 @@ def stream_for(stage: Stage, model: SailVL, seed: int) -> DenseStream:
                          f"{v.image_size}")
     target = opts.pop("target", "vit")
     opts.pop("position", None)  # read by train_vision_stage
+    opts.pop("bind", None)
     unknown = set(opts) - {"kinds"}
     if unknown:
         raise ValueError(f"stage {stage.name!r}: unknown vision options {sorted(unknown)} (known: world, kinds, "
-                         f"target, position)")
+                         f"target, position, bind)")
     # llm_embed: one label per LLM token, i.e. per pixel-shuffled 2x2 block of patches
     patch = v.patch_size if target == "vit" else int(round(v.patch_size / model.config.downsample_ratio))
     return DenseStream(world, patch, seed, **opts)
@@ -174,8 +178,13 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
     position = float((stage.vision or {}).get("position", 0.0))
     if position < 0 or (position and target != "vit"):
         raise ValueError(f"stage {stage.name!r}: vision option position must be >= 0 and needs target 'vit'")
+    # weight of the binding heads' loss (0: none)
+    bind = float((stage.vision or {}).get("bind", 0.0))
+    if bind < 0 or (bind and target != "vit"):
+        raise ValueError(f"stage {stage.name!r}: vision option bind must be >= 0 and needs target 'vit'")
     if target == "vit":
-        heads = DenseHeads(model.config.vision_config.hidden_size, stream.grid if position else 0).to(trainer.device)
+        heads = DenseHeads(model.config.vision_config.hidden_size, stream.grid if position else 0,
+                           bind=bool(bind)).to(trainer.device)
     else:
         from ..data.tokenizer import load_tokenizer
 
@@ -220,7 +229,8 @@ def train_vision_stage(trainer: Trainer, si: int, stage: Stage, model: SailVL) -
                 feats = model.vision_model(pixels, select_layer=sel)
             else:  # the LLM tokens the adapter makes, [N, T, E]
                 feats = model.encode_images(pixels).view(len(pixels), -1, model.config.llm_config.hidden_size)
-            loss, acc = dense_loss(heads(feats), labels, counts, weights={k: position for k in POSITION})
+            loss, acc = dense_loss(heads(feats), labels, counts,
+                                   weights={**{k: position for k in POSITION}, **{k: bind for k in BIND_HEADS}})
         finite = bool(torch.isfinite(loss))
         if world > 1:  # one decision for all ranks (they must issue the same collectives)
             finite = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0

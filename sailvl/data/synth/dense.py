@@ -37,6 +37,18 @@ HEADS: dict[str, tuple[str, ...]] = {
     "size": ("none", "small", "large"),
     "char": ("none", *CHARS),
 }
+# Binding heads (vision option "bind": their loss weight; 0 = none): which item a patch of a chart or table belongs
+# to, labelled on every patch of it. Chart: the item's label letter ("key"), its value ("value") and whether it is
+# the highest / lowest ("rank"), on the label, the bar and the value text alike; table: a cell's column and row
+# header letters ("key", "row_key"). The other heads say only what covers a patch, so a chart's label and its bar
+# are unrelated to them; these ask the tower to join them, so that the LLM finds an item's value (or a cell) by
+# one lookup instead of two (README, session 24).
+BIND_HEADS: dict[str, tuple[str, ...]] = {
+    "key": ("none", *CHARS),
+    "row_key": ("none", *CHARS),
+    "value": ("none", *string.digits),
+    "rank": ("none", "highest", "lowest", "other"),
+}
 DENSE_KINDS = ("scene", "text", "table", "chart", "glyph")
 # "Read" kinds: images drawn by the world's own task renderers (OCR, equation, chart, table images exactly as the
 # VLM tasks show them), labelled only with their transcript (no per-patch labels).
@@ -61,6 +73,11 @@ class Element:
     shape: str  # a SHAPES name, "char" or "bar"
     size: str = "none"
     char: str = "none"
+    # BIND_HEADS' labels
+    key: str = "none"
+    row_key: str = "none"
+    value: str = "none"
+    rank: str = "none"
 
 
 @dataclass
@@ -86,13 +103,14 @@ class DenseStream:
         return self.world.image_size // self.patch_size
 
     def sample(self, rng: random.Random) -> tuple[Image.Image, dict[str, np.ndarray]]:
-        """One image and its labels: {head: [grid, grid] int64} per patch, and IMAGE_TEXT: [TEXT_SLOTS]."""
+        """One image and its labels: {head: [grid, grid] int64} per patch (HEADS and BIND_HEADS), and IMAGE_TEXT:
+        [TEXT_SLOTS]."""
         names, weights = zip(*self.kinds.items())
         kind = rng.choices(names, weights)[0]
         if kind in READ_KINDS:
             img, text = self._read(rng, kind)
             g = self.grid
-            labels = {name: np.full((g, g), IGNORE, dtype=np.int64) for name in HEADS}
+            labels = {name: np.full((g, g), IGNORE, dtype=np.int64) for name in (*HEADS, *BIND_HEADS)}
         else:
             img = Image.new("RGB", (self.world.image_size,) * 2, BACKGROUND)
             canvas = _Canvas(img)
@@ -105,7 +123,7 @@ class DenseStream:
         """Images offset .. offset + n - 1 of step `step`: pixels [n, 3, S, S], labels {head: [n, G, G]} and
         {IMAGE_TEXT: [n, TEXT_SLOTS]}.
         Each image is a pure function of (seed, step, index), so ranks can draw disjoint slices of a step."""
-        images, labels = [], {h: [] for h in (*HEADS, IMAGE_TEXT)}
+        images, labels = [], {h: [] for h in (*HEADS, *BIND_HEADS, IMAGE_TEXT)}
         for i in range(offset, offset + n):
             img, lab = self.sample(random.Random(((self.seed * 1_000_003 + step) << 20) + i))
             images.append(to_tensor(img))
@@ -170,15 +188,22 @@ class DenseStream:
             fs -= 1
 
         c.paint(lambda d: draw_table_grid(d, s, n_rows, n_cols), None)  # background to every head
+        text = [[""] * (n_cols + 1) for _ in range(n_rows + 1)]
         for j in range(n_rows + 1):
             for i in range(n_cols + 1):
                 if i == j == 0:
                     continue
-                header = i == 0 or j == 0
-                ch_ = rng.choice(string.ascii_uppercase if header else string.digits)
+                text[j][i] = rng.choice(string.ascii_uppercase if i == 0 or j == 0 else string.digits)
+        for j in range(n_rows + 1):
+            for i in range(n_cols + 1):
+                if i == j == 0:
+                    continue
+                ch_ = text[j][i]
                 tw, th = text_size(ch_, fs, w.text_grid)
                 xy = (round((i + 0.5) * cw - tw / 2), round((j + 0.5) * ch - th / 2))
-                _write(c, ch_, xy, fs, "blue" if header else "black", w.text_grid)
+                # a cell (and a header) is keyed by its column's and its row's header letters
+                bind = {"key": text[0][i] or "none", "row_key": text[j][0] or "none"}
+                _write(c, ch_, xy, fs, "blue" if i == 0 or j == 0 else "black", w.text_grid, bind)
 
     def _chart(self, rng: random.Random, c: _Canvas) -> None:
         """Bars like render.make_chart's (bar kind), a letter under each and a digit above it."""
@@ -194,17 +219,21 @@ class DenseStream:
         colour = rng.choice(("red", "green", "blue", "purple", "orange"))
         c.paint(lambda d: d.line((0, axis_y, s - 1, axis_y), fill=COLOURS["gray"], width=1), None)
         half = max(2, int(slot * 0.3))
-        for i, (lab, v) in enumerate(zip(rng.sample(string.ascii_uppercase, k), rng.sample(range(1, 10), k))):
+        labels, values = rng.sample(string.ascii_uppercase, k), rng.sample(range(1, 10), k)
+        for i, (lab, v) in enumerate(zip(labels, values)):
             x, y = int(w.px(2) + slot * (i + 0.5)), round(axis_y - v * unit)
+            rank = "highest" if v == max(values) else "lowest" if v == min(values) else "other"
+            bind = {"key": lab, "value": str(v), "rank": rank}  # the bar, its value and its label alike
             c.paint(lambda d, x=x, y=y: d.rectangle((x - half, y, x + half, axis_y - 1), fill=COLOURS[colour]),
-                    Element(colour, "bar"))
+                    Element(colour, "bar", **bind))
             if g:  # typeset as render.make_chart sets it (anchored centre-bottom / centre-top, snapped)
                 (vw, vh), lw = text_size(str(v), fs, g), text_size(lab, fs, g)[0]
-                _write(c, str(v), (x - vw / 2, y - w.px(2) - vh), fs, "black", g)
-                _write(c, lab, (x - lw / 2, label_y), fs, "black", g)
+                _write(c, str(v), (x - vw / 2, y - w.px(2) - vh), fs, "black", g, bind)
+                _write(c, lab, (x - lw / 2, label_y), fs, "black", g, bind)
                 continue
-            _write(c, str(v), (x - _ink_width(str(v), fs) // 2, y - w.px(2) - _ink_height(str(v), fs)), fs, "black")
-            _write(c, lab, (x - _ink_width(lab, fs) // 2, axis_y + w.px(2)), fs, "black")
+            _write(c, str(v), (x - _ink_width(str(v), fs) // 2, y - w.px(2) - _ink_height(str(v), fs)), fs, "black",
+                   bind=bind)
+            _write(c, lab, (x - _ink_width(lab, fs) // 2, axis_y + w.px(2)), fs, "black", bind=bind)
 
 
 def transcript_label(text: str | None) -> np.ndarray:
@@ -238,7 +267,7 @@ class _Canvas:
         h, w = self.owner.shape
         g_h, g_w = h // patch, w // patch
         n = len(self.elements)
-        out = {name: np.zeros((g_h, g_w), dtype=np.int64) for name in HEADS}
+        out = {name: np.zeros((g_h, g_w), dtype=np.int64) for name in (*HEADS, *BIND_HEADS)}
         if n == 0:
             return out
         # pixels per (patch, element): one-hot owners summed over each patch's pixels
@@ -246,7 +275,7 @@ class _Canvas:
         counts = np.stack([(blocks == e).sum(-1) for e in range(n)], -1)  # [g_h, g_w, n]
         best = counts.argmax(-1)
         hit = counts.max(-1) >= MIN_PIXELS
-        for name, vocab in HEADS.items():
+        for name, vocab in (HEADS | BIND_HEADS).items():
             index = {v: i for i, v in enumerate(vocab)}
             ids = np.array([index[getattr(e, name)] for e in self.elements], dtype=np.int64)
             out[name] = np.where(hit, ids[best], 0)
@@ -262,12 +291,16 @@ def _ink_height(text: str, size: int) -> int:
     return y1 - y0
 
 
-def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str, grid: int = 0) -> None:
+def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str, grid: int = 0,
+           bind: dict[str, str] | None = None) -> None:
     """Draw `text` character by character so each is its own element: advance = the font's advance widths, or
-    (grid > 0) at `xy` on the grid, one glyph per fixed-pitch cell exactly as render.typeset sets it."""
+    (grid > 0) at `xy` on the grid, one glyph per fixed-pitch cell exactly as render.typeset sets it. `bind`: the
+    characters' BIND_HEADS labels."""
+    bind = bind or {}
     if grid:
         for i, ch in enumerate(text):
-            c.paint(lambda d, i=i: typeset(d, xy, text, size, COLOURS[ink], grid, only=i), Element(ink, "char", char=ch))
+            c.paint(lambda d, i=i: typeset(d, xy, text, size, COLOURS[ink], grid, only=i),
+                    Element(ink, "char", char=ch, **bind))
         return
     x, y = xy
     left = text_bbox(text[0], size)[0]
@@ -275,4 +308,4 @@ def _write(c: _Canvas, text: str, xy: tuple[int, int], size: int, ink: str, grid
     for i, ch in enumerate(text):
         gx = x - left + round(font(size).getlength(text[:i]))
         c.paint(lambda d, ch=ch, gx=gx: d.text((gx, y - top), ch, font=font(size), fill=COLOURS[ink]),
-                Element(ink, "char", char=ch))
+                Element(ink, "char", char=ch, **bind))
