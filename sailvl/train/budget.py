@@ -10,7 +10,8 @@ or smaller than it needs to be in fast ones. `Budget` instead scales the stages'
   - when the whole recipe fits with time to spare, the stages named in `Reference.grow` share the spare time, less a
     reserve against the machine slowing down later (`Reference.grow_reserve`), up to `Reference.max_grow` times their
     steps (on the tiny demo, the VLM stages: twice their steps took held-out accuracy 0.54 -> 0.65, twice the
-    SAIL-ViT stages' 0.54 -> 0.55, README session 17); the others run whole;
+    SAIL-ViT stages' 0.54 -> 0.55, README session 17), the last stage up to `Reference.last_max_grow` (planned when
+    the others have run, it takes what a late speed-up leaves); the others run whole;
   - as each stage starts, the one factor for the stages left is recomputed from the seconds the finished ones really
     took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
   - every decision is written to `budget.json` in the run directory, so `--resume` re-runs the same steps.
