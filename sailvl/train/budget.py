@@ -160,8 +160,7 @@ class Budget:
         if spare >= 0:
             if stages[si].name not in self.ref.grow:
                 return 1.0
-            last = si == len(stages) - 1 and self.ref.last_max_grow is not None
-            return self._grow_factor(rest, spare, self.ref.last_max_grow if last else self.ref.max_grow)
+            return self._grow_factor(rest, spare, self.ref.last_max_grow if si == len(stages) - 1 else None)
         if kept:  # the kept stages' time first, the others share what is left
             left -= held + self.predicted_s(kept)
             rest = [s for s in rest if s.name not in self.ref.keep]

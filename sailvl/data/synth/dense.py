@@ -189,17 +189,12 @@ class DenseStream:
             fs -= 1
 
         c.paint(lambda d: draw_table_grid(d, s, n_rows, n_cols), None)  # background to every head
-        text = [[""] * (n_cols + 1) for _ in range(n_rows + 1)]
+        text = [[""] * (n_cols + 1) for _ in range(n_rows + 1)]  # (the headers are drawn before the cells they key)
         for j in range(n_rows + 1):
             for i in range(n_cols + 1):
                 if i == j == 0:
                     continue
-                text[j][i] = rng.choice(string.ascii_uppercase if i == 0 or j == 0 else string.digits)
-        for j in range(n_rows + 1):
-            for i in range(n_cols + 1):
-                if i == j == 0:
-                    continue
-                ch_ = text[j][i]
+                ch_ = text[j][i] = rng.choice(string.ascii_uppercase if i == 0 or j == 0 else string.digits)
                 tw, th = text_size(ch_, fs, w.text_grid)
                 xy = (round((i + 0.5) * cw - tw / 2), round((j + 0.5) * ch - th / 2))
                 # a cell (and a header) is keyed by its column's and its row's header letters
