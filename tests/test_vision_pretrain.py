@@ -42,6 +42,43 @@ def test_object_labels_cover_exactly_the_patches_it_paints():
     assert not lab["char"].any()
 
 
+def test_overlapping_elements_each_patch_goes_to_who_paints_most_of_it():
+    """A pixel belongs to the element drawn on it last (a background-coloured paint clears it); a patch is labelled
+    with the element owning most of its pixels (a tie: the first drawn) when that is >= MIN_PIXELS. Checked against
+    a plain count over the pixel owners, found from the images before and after each paint. Fills that differ from
+    what they cover in one channel only, and an element of exactly MIN_PIXELS pixels alone in its patch, included."""
+    rng = random.Random(4)
+    img = Image.new("RGB", (64, 64), BACKGROUND)
+    c = _Canvas(img)
+    owner, elements = np.full((64, 64), -1), []
+    fills = [(10, 10, 10), (10, 10, 200), (10, 200, 10), (200, 10, 10)]
+    # (box, fill, colour label or None for a clearing paint): MIN_PIXELS pixels alone in patch (0, 0) ...
+    paints = [((1, 1, 1, 1 + MIN_PIXELS - 1), fills[0], "red")]
+    for k in range(14):  # ... overlapping rectangles, some cleared again ...
+        x0, y0 = rng.randrange(8, 56), rng.randrange(8, 56)
+        box = (x0, y0, x0 + rng.randrange(1, 20), y0 + rng.randrange(1, 20))
+        paints.append((box, BACKGROUND, None) if k % 5 == 4 else
+                      (box, fills[k % len(fills)], rng.choice(["red", "blue", "green"])))
+    # ... and a patch painted twice, the second time changing the blue channel only
+    paints += [((24, 40, 31, 47), fills[0], "red"), ((24, 40, 31, 47), fills[1], "blue")]
+    for box, fill, colour in paints:
+        el = None if colour is None else Element(colour, "square", "small")
+        before = np.asarray(img).copy()
+        c.paint(lambda d, box=box, fill=fill: d.rectangle(box, fill=fill), el)
+        changed = (np.asarray(img) != before).any(-1)
+        owner[changed] = -1 if el is None else len(elements)
+        if el is not None:
+            elements.append(el)
+    lab = c.labels(8)
+    for i in range(8):
+        for j in range(8):
+            counts = [int((owner[8 * i:8 * i + 8, 8 * j:8 * j + 8] == e).sum()) for e in range(len(elements))]
+            best = int(np.argmax(counts))
+            want = HEADS["colour"].index(elements[best].colour) if counts[best] >= MIN_PIXELS else 0
+            assert lab["colour"][i, j] == want, (i, j, counts)
+    assert lab["colour"][0, 0] == HEADS["colour"].index("red") and lab["colour"][5, 3] == HEADS["colour"].index("blue")
+
+
 def test_characters_are_labelled_left_to_right_in_their_own_patches():
     img = Image.new("RGB", (64, 64), BACKGROUND)
     c = _Canvas(img)

@@ -250,11 +250,14 @@ class _Canvas:
         self.img, self.draw = img, ImageDraw.Draw(img)
         self.owner = np.full((img.height, img.width), -1, dtype=np.int64)
         self.elements: list[Element] = []
+        self._seen = np.asarray(img)  # a snapshot (PIL copies its buffer out) of the image before the next paint
 
     def paint(self, fn, element: Element | None) -> None:
-        before = np.asarray(self.img).copy()
         fn(self.draw)
-        changed = (np.asarray(self.img) != before).any(-1)
+        now = np.asarray(self.img)
+        diff = now != self._seen
+        self._seen = now
+        changed = diff[..., 0] | diff[..., 1] | diff[..., 2]  # (3 ors: ~4x faster than .any(-1) at this size)
         self.owner[changed] = -1 if element is None else len(self.elements)
         if element is not None:
             self.elements.append(element)
@@ -266,16 +269,20 @@ class _Canvas:
         out = {name: np.zeros((g_h, g_w), dtype=np.int64) for name in (*HEADS, *BIND_HEADS)}
         if n == 0:
             return out
-        # pixels per (patch, element): one-hot owners summed over each patch's pixels
-        blocks = self.owner.reshape(g_h, patch, g_w, patch).transpose(0, 2, 1, 3).reshape(g_h, g_w, -1)
-        counts = np.stack([(blocks == e).sum(-1) for e in range(n)], -1)  # [g_h, g_w, n]
-        best = counts.argmax(-1)
+        # pixels per (patch, owner): one bincount over patch * (n + 1) + owner + 1 (owner -1, nobody, is column 0)
+        blocks = self.owner.reshape(g_h, patch, g_w, patch).transpose(0, 2, 1, 3).reshape(g_h * g_w, -1)
+        slots = np.arange(g_h * g_w)[:, None] * (n + 1) + blocks + 1
+        counts = np.bincount(slots.ravel(), minlength=g_h * g_w * (n + 1)).reshape(g_h, g_w, n + 1)[..., 1:]
+        best = counts.argmax(-1)  # ties: the first element drawn, as before
         hit = counts.max(-1) >= MIN_PIXELS
-        for name, vocab in (HEADS | BIND_HEADS).items():
-            index = {v: i for i, v in enumerate(vocab)}
+        for name, index in _LABEL_INDEX.items():
             ids = np.array([index[getattr(e, name)] for e in self.elements], dtype=np.int64)
             out[name] = np.where(hit, ids[best], 0)
         return out
+
+
+# each head's label -> class index
+_LABEL_INDEX = {name: {v: i for i, v in enumerate(vocab)} for name, vocab in (HEADS | BIND_HEADS).items()}
 
 
 def _ink_width(text: str, size: int) -> int:
