@@ -188,8 +188,9 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
 # prediction in two default demos of the current recipe (sessions 22 and 23, probe 0.62x / 0.81x): the later stages
 # ran 1.1-1.4x what the first measurement said relative to the rest (their mixtures have changed since; sft 1.29x /
 # 1.37x), so sft overran its prediction and the cut fell on the thinking stages. vit_dense 0.3483 -> 0.30 since its
-# images are drawn 2.1x faster (benchmarks/bench_dense.py; ~46 ms less per step of 64): in session 25's demo it ran
-# 0.64 of its old prediction while the stages around it ran 0.77-0.84.
+# images are drawn 2.1x faster (benchmarks/bench_dense.py; ~46 ms less per step of 64): in session 25's demo it ran at
+# 0.64x the old reference's step time while the stages around it ran at 0.77-0.84x (0.28 by that ratio; 0.30 keeps a
+# margin).
 TINY_REFERENCE = Reference(
     step_s={"vit_dense": 0.30, "vit_read": 0.2577, "vit_warmup": 0.2203, "vit_finegrained": 0.3814,
             "vit_world": 0.4106, "pretrain_basic": 0.2991, "pretrain_multitask": 0.3707, "sft": 0.4028,
