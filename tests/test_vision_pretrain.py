@@ -54,6 +54,8 @@ def test_overlapping_elements_each_patch_goes_to_who_paints_most_of_it():
     fills = [(10, 10, 10), (10, 10, 200), (10, 200, 10), (200, 10, 10)]
     # (box, fill, colour label or None for a clearing paint): MIN_PIXELS pixels alone in patch (0, 0) ...
     paints = [((1, 1, 1, 1 + MIN_PIXELS - 1), fills[0], "red")]
+    # ... two elements of 4 pixels each in patch (0, 1), a tie the first drawn wins ...
+    paints += [((9, 1, 10, 2), fills[2], "green"), ((12, 1, 13, 2), fills[3], "blue")]
     for k in range(14):  # ... overlapping rectangles, some cleared again ...
         x0, y0 = rng.randrange(8, 56), rng.randrange(8, 56)
         box = (x0, y0, x0 + rng.randrange(1, 20), y0 + rng.randrange(1, 20))
@@ -77,6 +79,7 @@ def test_overlapping_elements_each_patch_goes_to_who_paints_most_of_it():
             want = HEADS["colour"].index(elements[best].colour) if counts[best] >= MIN_PIXELS else 0
             assert lab["colour"][i, j] == want, (i, j, counts)
     assert lab["colour"][0, 0] == HEADS["colour"].index("red") and lab["colour"][5, 3] == HEADS["colour"].index("blue")
+    assert lab["colour"][0, 1] == HEADS["colour"].index("green")
 
 
 def test_characters_are_labelled_left_to_right_in_their_own_patches():
