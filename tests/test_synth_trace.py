@@ -1,11 +1,12 @@
-"""World(scene_trace="caption"): scene questions answered through a describe-then-answer thinking trace, and the
-evaluation scoring a thinking reply on its answer."""
+"""World(scene_trace="caption") and World(chart_trace="read"): scene and chart questions answered through a thinking
+trace; the evaluation scoring a thinking reply on its answer; the text_recall drills (repeats and key=value lookups)."""
 
 import pytest
 
 from sailvl.data.synth import TASKS, sample
 from sailvl.data.synth.record import TRACE_TASKS, to_sample
 from sailvl.data.synth.scene import Obj, caption
+from sailvl.data.synth.tasks_text import RECALL_SYMBOLS
 from sailvl.data.synth.world import World
 from sailvl.data.template import THINK_SUFFIX, parse_thinking
 from sailvl.eval.synth import score
@@ -51,3 +52,56 @@ def test_a_thinking_reply_is_scored_on_its_answer():
     # direct replies are scored as before; a trace that never closes scores nothing
     assert score("vqa_spatial", "left", "left") == 1.0
     assert score("vqa_spatial", "<think>\n2 objects: ... left", "left") == 0.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chart_trace_reads_the_chart_then_looks_up_by_label(seed):
+    """World(chart_trace="read"): the same chart and answer; the question asks for thinking; the trace reads every
+    label with its value left to right, repeats each label the question names with its value, subtracts for a
+    difference, and the boxed answer is the plain record's."""
+    plain, traced = World(), World(chart_trace="read")
+    (a, ims_a), (b, ims_b) = sample("chart", seed, world=plain), sample("chart", seed, world=traced)
+    assert a["answer"] == b["answer"] and a["meta"] == b["meta"]
+    assert [im.tobytes() for im in ims_a] == [im.tobytes() for im in ims_b]
+    m = a["meta"]
+    question = a["conversations"][0]["value"].removesuffix(plain.suffix)
+    assert b["conversations"][0]["value"] == question + THINK_SUFFIX
+    thinking, answer = parse_thinking(b["conversations"][1]["value"])
+    assert answer == a["answer"]
+    lines = thinking.split("\n")
+    value = dict(zip(m["labels"], m["values"]))
+    assert lines[0] == "From left to right: " + ", ".join(f"{k}={v}" for k, v in value.items()) + "."
+    if m["question"] in ("max", "min"):
+        assert lines == lines[:1]
+    else:
+        assert lines[1] == ", ".join(f"{k}={value[k]}" for k in m["args"]) + "."
+        assert m["args"] == [ch for ch in question if ch.isupper() and ch in value]  # the labels the question names
+    if m["question"] == "diff":
+        x, y = (value[k] for k in m["args"])
+        assert lines[2] == f"{x} - {y} = {x - y}." and str(x - y) == a["answer"]
+    to_sample(b, ims_b)
+
+
+def test_chart_trace_is_checked():
+    with pytest.raises(ValueError, match="chart_trace"):
+        World(chart_trace="caption")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_text_recall_repeats_or_looks_up(seed):
+    record, images = sample("text_recall", seed)
+    assert images == [] and record["task"] == "text_recall"
+    q, reply = record["conversations"][0]["value"], record["conversations"][1]["value"]
+    assert reply == record["answer"]
+    if record["meta"]["kind"] == "copy":
+        run = q.removeprefix("Repeat exactly: ")
+        assert run != q and reply == run and 6 <= len(run) <= 12 and set(run) <= set(RECALL_SYMBOLS)
+    else:
+        pairs, ask = q.split("\n")
+        table = dict(p.split("=") for p in pairs.rstrip(".").split(", "))
+        key = ask.removeprefix("What is the value of ").removesuffix("?")
+        assert 3 <= len(table) <= 6 and reply == table[key]
+
+
+def test_text_recall_draws_both_kinds():
+    assert {sample("text_recall", s)[0]["meta"]["kind"] for s in range(12)} == {"copy", "lookup"}

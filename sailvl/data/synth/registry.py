@@ -50,11 +50,12 @@ TASKS: dict[str, Generator] = {
     # language only
     "text_instruct": T.text_instruct,
 }
-# Training-only generators (not evaluated: their records are several single-task questions about one image)
+# Training-only generators (not evaluated: several single-task questions about one image, or text-only drills)
 TRAIN_ONLY: dict[str, Generator] = {
     "scene_drill": S.scene_drill,
     "text_drill": T.text_drill,
     "text_lists": T.text_lists,
+    "text_recall": T.text_recall,
 }
 GENERATORS: dict[str, Generator] = {**TASKS, **TRAIN_ONLY}
 

@@ -48,12 +48,32 @@ def _chart_question(rng: random.Random, spec: dict, question: str | None = None,
         [labels[i], labels[j]]
 
 
+def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
+    """The reasoning for a chart question, one line each: the chart read left to right ("Y=5, N=8, B=4."), then each
+    label the question names with its value ("B=4."), then for a difference the subtraction. A value is one token
+    after its label (no space between: the tokenizer gives a space before a digit a token of its own), the layout in
+    which the tiny LLM learns lookups (`benchmarks/induction.py`)."""
+    value = dict(zip(spec["labels"], spec["values"]))
+    lines = ["From left to right: " + ", ".join(f"{lab}={v}" for lab, v in value.items()) + "."]
+    if args:
+        lines.append(", ".join(f"{lab}={value[lab]}" for lab in args) + ".")
+    if question == "diff":
+        a, b = args
+        lines.append(f"{value[a]} - {value[b]} = {value[a] - value[b]}.")
+    return lines
+
+
 def chart(rng: random.Random, world: World):
-    """Value lookup, argmax, argmin or difference on a bar or line chart."""
+    """Value lookup, argmax, argmin or difference on a bar or line chart; with `World(chart_trace="read")` asked
+    for thinking, the reply reading the chart (`chart_trace`) inside <think> before the answer in \\boxed{}."""
     spec, img = R.make_chart(rng, world)
     question, q, answer, args = _chart_question(rng, spec)
     meta = {**spec, "question": question, "args": args}
-    return make_record("chart", q + world.suffix, answer, meta, n_images=1), [img]
+    if world.chart_trace == "none":
+        return make_record("chart", q + world.suffix, answer, meta, n_images=1), [img]
+    reply = "<think>\n" + "\n".join(chart_trace(spec, question, args)) + \
+        f"\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+    return make_record("chart", q + THINK_SUFFIX, answer, meta, reply=reply, n_images=1), [img]
 
 
 def _table_question(spec: dict, j: int, i: int) -> tuple[str, str]:
@@ -238,6 +258,27 @@ def text_instruct(rng: random.Random, world: World, kinds: tuple[str, ...] = TEX
         x, y = rng.sample(range(21), 2)
         q, a = f"Which number is larger, {x} or {y}?", str(max(x, y))
     return make_record("text_instruct", q, a, {"kind": kind}), []
+
+
+RECALL_SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ123456789"
+
+
+def text_recall(rng: random.Random, world: World):
+    """Training only: repeat a random string of capitals and digits exactly ("EQH635YNG6BY", one token per
+    character), or look a key up in a list of key=value pairs (the chart question's phrasing). A transformer looks
+    up in context with an induction circuit, which random repeats form: the tiny recipe's LLM on one-token lookups
+    stays at chance after 600 steps of lookups alone and reaches 0.99 when half the samples are repeats
+    (`benchmarks/induction.py`). In the synthetic world's chat format (this generator alone, 600 steps) it learns
+    the repeats (0.99) but its lookups stay at 0.31-0.38 (README, session 26); not in the tiny recipe."""
+    if rng.random() < 0.5:
+        run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(6, 12)))
+        return make_record("text_recall", f"Repeat exactly: {run}", run, {"kind": "copy"}), []
+    k = rng.randint(3, 6)
+    keys, values = rng.sample(RECALL_SYMBOLS[:26], k), [rng.randint(1, 9) for _ in range(k)]
+    i = rng.randrange(k)
+    pairs = ", ".join(f"{key}={v}" for key, v in zip(keys, values))
+    return make_record("text_recall", f"{pairs}.\nWhat is the value of {keys[i]}?", str(values[i]),
+                       {"kind": "lookup"}), []
 
 
 def text_lists(rng: random.Random, world: World):
