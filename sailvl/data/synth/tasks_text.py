@@ -52,7 +52,8 @@ def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
     """The reasoning for a chart question, one line each: the chart read left to right ("Y=5, N=8, B=4."), then each
     label the question names with its value ("B=4."), then for a difference the subtraction. A value is one token
     after its label (no space between: the tokenizer gives a space before a digit a token of its own), the layout in
-    which the tiny LLM learns lookups (`benchmarks/induction.py`)."""
+    which a bare LLM learns lookups fastest (`benchmarks/induction.py`; in the VLM they are not learnt yet, README
+    session 26)."""
     value = dict(zip(spec["labels"], spec["values"]))
     lines = ["From left to right: " + ", ".join(f"{lab}={v}" for lab, v in value.items()) + "."]
     if args:
@@ -266,10 +267,11 @@ RECALL_SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ123456789"
 def text_recall(rng: random.Random, world: World):
     """Training only: repeat a random string of capitals and digits exactly ("EQH635YNG6BY", one token per
     character), or look a key up in a list of key=value pairs (the chart question's phrasing). A transformer looks
-    up in context with an induction circuit, which random repeats form: the tiny recipe's LLM on one-token lookups
-    stays at chance after 600 steps of lookups alone and reaches 0.99 when half the samples are repeats
-    (`benchmarks/induction.py`). In the synthetic world's chat format (this generator alone, 600 steps) it learns
-    the repeats (0.99) but its lookups stay at 0.31-0.38 (README, session 26); not in the tiny recipe."""
+    up in context with an induction circuit, which random repeats form: the tiny recipe's LLM shape on one-token
+    lookups stays at chance after 600 steps of lookups alone and reaches 0.99 when half the samples are repeats
+    (`benchmarks/induction.py`; from the recipe's smaller initial weights at ~1,000 steps). In the synthetic world's
+    chat format (this generator alone) it learns the repeats (0.99-1.00) but its lookups stay at 0.31-0.38 after 600
+    steps and 0.34 after 1,800 (README, session 26); not in the tiny recipe."""
     if rng.random() < 0.5:
         run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(6, 12)))
         return make_record("text_recall", f"Repeat exactly: {run}", run, {"kind": "copy"}), []

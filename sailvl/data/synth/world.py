@@ -84,8 +84,9 @@ class World:
     # against 0.14 / 0.20 (two seeds), the whole within noise (README, session 21)
     chart_letters: str | None = None
     # "read": chart questions ask for thinking, and the reply first reads the chart left to right inside <think>
-    # ("Y 5, N 8, B 4."), then repeats each label the question names with its value ("B 4."; for a difference also the
-    # subtraction), then gives the answer in \\boxed{}; "none": direct answers. Measured alone (session-22 tower, 400
+    # ("Y=5, N=8, B=4."), then repeats each label the question names with its value ("B=4."; for a difference also the
+    # subtraction), then gives the answer in \\boxed{} (the question without the short-answer suffix); "none": direct
+    # answers. Measured alone (session-22 tower, 400
     # held out): the model's transcripts are exactly right 0.93-0.98, yet the values it writes after a named label are
     # a random pick among the chart's (0.26-0.42 by run) and chart stays 0.27-0.34 against 0.28 direct (README,
     # session 26): what it lacks is the lookup, even in text, so the demo keeps direct answers
