@@ -139,7 +139,6 @@ def main() -> None:
     ap.add_argument("--init", choices=("torch", "recipe"), default="torch", help="initial weights (see models)")
     ap.add_argument("--mixtures", default=",".join(MIXTURES), help=f"comma-separated, of {', '.join(MIXTURES)}")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     mixtures = [m for m in args.mixtures.split(",") if m]
     if not set(mixtures) <= set(MIXTURES):
         raise SystemExit(f"--mixtures: unknown {sorted(set(mixtures) - set(MIXTURES))}; known: {', '.join(MIXTURES)}")

@@ -1,6 +1,8 @@
 """World(scene_trace="caption") and World(chart_trace="read"): scene and chart questions answered through a thinking
 trace; the evaluation scoring a thinking reply on its answer; the text_recall drills (repeats and key=value lookups)."""
 
+import re
+
 import pytest
 
 from sailvl.data.synth import TASKS, sample
@@ -75,7 +77,7 @@ def test_chart_trace_reads_the_chart_then_looks_up_by_label(seed):
         assert lines == lines[:1]
     else:
         assert lines[1] == ", ".join(f"{k}={value[k]}" for k in m["args"]) + "."
-        assert m["args"] == [ch for ch in question if ch.isupper() and ch in value]  # the labels the question names
+        assert m["args"] == re.findall(r"\b([A-Z])\b", question)  # the labels the question names, in its order
     if m["question"] == "diff":
         x, y = (value[k] for k in m["args"])
         assert lines[2] == f"{x} - {y} = {x - y}." and str(x - y) == a["answer"]
