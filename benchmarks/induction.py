@@ -18,8 +18,12 @@ lookups. Measured on the 2-core CPU (600 steps, ~1.5 minutes a run), ours / tran
 with repeats 0.99 / 0.97; spaced 0.74 / 0.75; with the recipe's init the repeats do not teach them by 600 steps (README,
 session 26). The model can look up; what forms the circuit is the data and the initial weights.
 
+`--opening N` puts the same N tokens before every sample, as the chat template's `<|im_start|>user\n` opens every
+sample of the synthetic world: the circuit then forms later (session scripts from the recipe's weights with N(0, 1)
+embeddings, with repeats: 0.32 at 600 steps against 1.00 without, 0.98 at 1,200; README, session 27).
+
 Run: .venv/bin/python benchmarks/induction.py [--steps 600] [--every 200] [--optimizer muon|adamw] [--init torch|recipe]
-     [--mixtures lookups,with_repeats,spaced_with_repeats]
+     [--mixtures lookups,with_repeats,spaced_with_repeats] [--opening 0-3]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from benchmarks.common import print_table  # noqa: E402
 VOCAB = 64
 KEYS, VALUES = range(0, 26), range(26, 35)
 COLON, COMMA, DOT, EQ, PAD, SPACE = 35, 36, 37, 38, 39, 40
+OPENING = (41, 42, 43)  # --opening N: the first N open every sample, as `<|im_start|>user\n` opens every chat sample
 MIXTURES = ("lookups", "with_repeats", "spaced_with_repeats")
 IGNORE = -100
 
@@ -62,9 +67,15 @@ def repeat(rng: random.Random) -> tuple[list[int], list[int]]:
     return run + [DOT] + run, [IGNORE] * (len(run) + 1) + run
 
 
-def batch(rng: random.Random, n: int, mixture: str) -> tuple[torch.Tensor, torch.Tensor]:
+def opened(item: tuple[list[int], list[int]], opening: int) -> tuple[list[int], list[int]]:
+    """The sample with the first `opening` tokens of OPENING before it (untrained)."""
+    return list(OPENING[:opening]) + item[0], [IGNORE] * opening + item[1]
+
+
+def batch(rng: random.Random, n: int, mixture: str, opening: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     spaced = mixture.startswith("spaced")
-    items = [repeat(rng) if mixture.endswith("with_repeats") and i % 2 else lookup(rng, spaced) for i in range(n)]
+    items = [opened(repeat(rng) if mixture.endswith("with_repeats") and i % 2 else lookup(rng, spaced), opening)
+             for i in range(n)]
     L = max(len(s) for s, _ in items)
     x, y = torch.full((n, L), PAD), torch.full((n, L), IGNORE)
     for i, (s, t) in enumerate(items):
@@ -113,12 +124,12 @@ def optimizer(model, name: str) -> torch.optim.Optimizer:
                      betas=(0.9, 0.95))
 
 
-def train(model, mixture: str, steps: int, every: int, test, opt_name: str) -> list[float]:
+def train(model, mixture: str, steps: int, every: int, test, opt_name: str, opening: int = 0) -> list[float]:
     """Held-out lookup accuracy every `every` steps."""
     opt = optimizer(model, opt_name)
     rng, curve = random.Random(0), []
     for step in range(1, steps + 1):
-        x, y = batch(rng, 32, mixture)
+        x, y = batch(rng, 32, mixture, opening)
         logits = model(input_ids=x).logits[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), y[:, 1:].reshape(-1), ignore_index=IGNORE)
         opt.zero_grad()
@@ -138,21 +149,25 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="muon: the tiny recipe's")
     ap.add_argument("--init", choices=("torch", "recipe"), default="torch", help="initial weights (see models)")
     ap.add_argument("--mixtures", default=",".join(MIXTURES), help=f"comma-separated, of {', '.join(MIXTURES)}")
+    ap.add_argument("--opening", type=int, default=0, choices=range(len(OPENING) + 1),
+                    help="the same N tokens open every sample (train and held out)")
     args = ap.parse_args()
     mixtures = [m for m in args.mixtures.split(",") if m]
     if not set(mixtures) <= set(MIXTURES):
         raise SystemExit(f"--mixtures: unknown {sorted(set(mixtures) - set(MIXTURES))}; known: {', '.join(MIXTURES)}")
     rows = []
     for mixture in mixtures:
-        held = [lookup(random.Random(10_000 + i), mixture.startswith("spaced")) for i in range(1000)]
+        held = [opened(lookup(random.Random(10_000 + i), mixture.startswith("spaced")), args.opening)
+                for i in range(1000)]
         test = (torch.tensor([s[:-1] for s, _ in held]), torch.tensor([t[-1] for _, t in held]))
         for name, model in models(args.seed, args.init).items():
             t0 = time.perf_counter()
-            curve = train(model, mixture, args.steps, args.every, test, args.optimizer)
+            curve = train(model, mixture, args.steps, args.every, test, args.optimizer, args.opening)
             print(f"[induction] {mixture} {name}: {curve} ({time.perf_counter() - t0:.0f} s)", flush=True)
             rows.append([mixture, name, *curve])
     steps = [str(s) for s in range(args.every, args.steps + 1, args.every)]
-    print_table(f"held-out lookup accuracy by training step ({args.optimizer}, {args.init} init; chance 0.33)", ["mixture", "model", *steps], rows)
+    print_table(f"held-out lookup accuracy by training step ({args.optimizer}, {args.init} init, opening {args.opening}; "
+                "chance 0.33)", ["mixture", "model", *steps], rows)
     for mixture in mixtures:
         ours, ref = (r[-1] for r in rows if r[0] == mixture)
         print(f"{mixture}: ours / transformers at step {args.steps}: {ours:.3f} / {ref:.3f}")

@@ -123,6 +123,21 @@ def test_the_keep_reserve_holds_back_part_of_the_kept_stages_time_from_the_other
     assert budget_at(tmp_path / "easy", 500, elapsed=0, probe_s=2.0, ref=ref).factors(s) == [1.0, 1.0]
 
 
+def test_fixed_stages_run_their_steps_neither_cut_nor_grown(tmp_path):
+    ref = Reference(step_s={"a": 1.0, "f": 2.0, "c": 1.0}, probe_s=1.0, other_s=10.0, margin=1.0, fixed=("f",),
+                    grow=("a", "c"), max_grow=2.0, grow_reserve=0.0)
+    s = stages(a=100, f=50, c=100)  # at speed 2: a 200 s, f 200 s, c 200 s; 400 s left
+    short = budget_at(tmp_path, 410, elapsed=0, probe_s=2.0, ref=ref)
+    assert short.scale_for(s, 0) == pytest.approx(0.5, abs=1e-3)  # a and c share what f leaves: 200 / 400
+    assert short.scale_for(s, 1) == 1.0  # f itself whole, though what is left cannot hold it and c
+    assert budget_at(tmp_path / "all", 410, elapsed=0, probe_s=2.0, ref=ref).factors(s) == pytest.approx(
+        [0.5, 1.0, 0.5], abs=1e-3)
+    late = budget_at(tmp_path / "late", 410, elapsed=390, probe_s=2.0, ref=ref)  # 10 s left: f still whole
+    assert late.stage(s, 1).steps == 50
+    easy = budget_at(tmp_path / "easy", 1010, elapsed=0, probe_s=2.0, ref=ref)  # 400 s to spare: a and c grow
+    assert easy.factors(s) == pytest.approx([2.0, 1.0, 2.0], abs=1e-3)
+
+
 def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):
     ref = Reference(step_s={"a": 1.0, "b": 2.0}, probe_s=1.0, other_s=10.0, margin=1.0, grow=("b",), max_grow=2.0,
                     grow_reserve=0.0)

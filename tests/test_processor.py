@@ -116,3 +116,26 @@ def test_think_tokens_survive_decoding(proc):
     ids = proc.tokenizer.encode("<think>\nhm\n</think>\n\n\\boxed{4}", add_special_tokens=False).ids
     text = proc.decode(ids, skip_special_tokens=True)
     assert proc.parse_thinking(text) == ("hm", "4")
+
+
+def test_plain_text_samples(proc):
+    """A document trains on every token (the packer's weights skip the first); a prompt-completion pair on the
+    completion only; neither goes through the chat template."""
+    doc = proc.encode_sample(Sample([], text="red circle, blue square"))
+    assert torch.equal(doc["labels"], doc["input_ids"]) and doc["pixel_values"] is None
+    assert proc.decode(doc["input_ids"], skip_special_tokens=False) == doc["text"] == "red circle, blue square"
+    pair = proc.encode_sample(Sample([], text="2", prompt="Q:1+1="))
+    trained = pair["labels"] != IGNORE_INDEX
+    assert proc.decode(pair["input_ids"], skip_special_tokens=False) == "Q:1+1=2"
+    assert proc.decode(pair["labels"][trained]) == "2" and not trained[:-1].any()
+    with pytest.raises(SkipSample, match="cannot also carry"):
+        proc.encode_sample(Sample([{"role": "user", "content": "hi"}], text="x"))
+    with pytest.raises(SkipSample, match="non-empty text"):
+        proc.encode_sample(Sample([], text="  ", prompt="a"))
+    with pytest.raises(SkipSample, match="no trainable tokens"):
+        proc.encode_sample(Sample([], text="r"))  # one token: nothing predicts it
+    with pytest.raises(SkipSample, match="image-context"):
+        proc.encode_sample(Sample([], text="see <IMG_CONTEXT> here"))
+    proc.config.max_length = 5
+    with pytest.raises(SkipSample, match="too long"):
+        proc.encode_sample(Sample([], text="red " * 20))

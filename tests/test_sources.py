@@ -140,6 +140,24 @@ def test_jsonl_source_pickles_and_reopens(tmp_path):
     src.close()
 
 
+def test_jsonl_plain_text_records(tmp_path):
+    """{"text"} and {"prompt", "completion"} records (no turns, no media) are text samples; bad ones are skips."""
+    write_png(tmp_path / "a.png")
+    lines = [{"text": "a document", "task": "t"}, {"prompt": "K:1.K=", "completion": "1", "id": 7},
+             {"text": 5}, {"completion": "x"}, {"text": "x", "image": "a.png"}, {"text": " "},
+             {"prompt": ["K"], "completion": "1"}]
+    src = JsonlSource(write_jsonl(tmp_path / "t.jsonl", lines))
+    doc, pair = src.read(0), src.read(1)
+    assert (doc.text, doc.prompt, doc.messages, doc.task) == ("a document", None, [], "t")
+    assert (pair.text, pair.prompt, pair.meta) == ("1", "K:1.K=", {"id": 7})
+    reasons = [skip_reason(src, i) for i in range(2, 7)]
+    assert reasons[0] == "malformed record: 'text' is a int, not a string"
+    assert reasons[1] == "malformed record: a 'completion' without its 'prompt'"
+    assert reasons[2] == "malformed record: a text record cannot carry images or video"
+    assert reasons[3] == "a text sample needs a non-empty text (completion)"
+    assert reasons[4] == "malformed record: 'prompt' is a list, not a string"
+
+
 def test_jsonl_missing_file_and_crlf(tmp_path):
     with pytest.raises(FileNotFoundError):
         JsonlSource(tmp_path / "none.jsonl")

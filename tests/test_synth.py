@@ -552,7 +552,7 @@ def test_answer_suffix_knob_and_training_only_generators(tmp_path):
         assert suffixed["conversations"][0]["value"].endswith(SHORT_ANSWER_SUFFIX)
         assert plain["conversations"][0]["value"] + SHORT_ANSWER_SUFFIX == suffixed["conversations"][0]["value"]
     # drills are not evaluated tasks: not in the default task list, but accepted by name for training splits
-    assert set(TRAIN_ONLY) == {"scene_drill", "text_drill", "text_lists", "text_recall"}
+    assert set(TRAIN_ONLY) == {"scene_drill", "text_drill", "text_lists", "text_recall", "text_induction"}
     assert not set(TRAIN_ONLY) & set(check_tasks(None))
     # text_lists: only text_instruct's open-ended kinds, the ones its test split holds
     from sailvl.data.synth.tasks_text import LIST_KINDS

@@ -1,6 +1,8 @@
 """World(scene_trace="caption") and World(chart_trace="read"): scene and chart questions answered through a thinking
-trace; the evaluation scoring a thinking reply on its answer; the text_recall drills (repeats and key=value lookups)."""
+trace; the evaluation scoring a thinking reply on its answer; the text_recall drills (repeats and key=value lookups)
+and text_induction's plain-text records."""
 
+import json
 import re
 
 import pytest
@@ -107,3 +109,41 @@ def test_text_recall_repeats_or_looks_up(seed):
 
 def test_text_recall_draws_both_kinds():
     assert {sample("text_recall", s)[0]["meta"]["kind"] for s in range(12)} == {"copy", "lookup"}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_text_induction_repeats_or_looks_up(seed):
+    record, images = sample("text_induction", seed)
+    assert images == [] and record["task"] == "text_induction" and "conversations" not in record
+    prompt, completion = record["prompt"], record["completion"]
+    assert completion == record["answer"]
+    if record["meta"]["kind"] == "repeat":
+        assert prompt == completion + "." and 4 <= len(completion) <= 12 and set(completion) <= set(RECALL_SYMBOLS)
+    else:
+        pairs, key = prompt.removesuffix("=").split(".")
+        table = dict(p.split(":") for p in pairs.split(","))
+        assert len(table) == 3 and len(set(table.values())) == 3 and completion == table[key]
+
+
+def test_text_induction_is_written_and_read_back_as_text(tmp_path, bpe_dir):
+    """Its split holds prompt-completion lines (no turns, no images) that the JSONL source reads as text samples
+    and the processor trains on the completion alone."""
+    from sailvl.data.processor import IGNORE_INDEX, Processor
+    from sailvl.data.sources import JsonlSource
+    from sailvl.data.synth import generate_splits, to_sample
+    from sailvl.data.tokenizer import load_tokenizer
+
+    out = generate_splits(tmp_path, 4, 0, 0, seed=0, tasks=["vqa_color"],
+                          extra_train={"induction": (20, ["text_induction"], World())})
+    assert out["induction"]["images"] == 0
+    lines = [json.loads(x) for x in (tmp_path / "induction.jsonl").read_text().splitlines()]
+    assert {r["meta"]["kind"] for r in lines} == {"repeat", "lookup"}
+    assert all({"prompt", "completion"} <= set(r) and "conversations" not in r for r in lines)
+    proc, src = Processor(load_tokenizer(bpe_dir)), JsonlSource(tmp_path / "induction.jsonl")
+    for i, r in enumerate(lines):
+        s = src.read(i)
+        assert (s.prompt, s.text, s.messages) == (r["prompt"], r["completion"], [])
+        enc = proc.encode_sample(s)
+        assert proc.decode(enc["labels"][enc["labels"] != IGNORE_INDEX]) == r["completion"]
+    record, images = sample("text_induction", 3)
+    assert to_sample(record, images).prompt == record["prompt"]

@@ -173,3 +173,23 @@ def test_tiny_thinking_stages_bring_no_new_data():
     for stage in run.stages[first:]:
         assert {d.name for d in stage.data} <= earlier, (stage.name, {d.name for d in stage.data} - earlier)
     assert "math_cot" in earlier
+
+
+def test_tiny_llm_warmup_trains_the_llm_blocks_on_plain_text(tmp_path):
+    """llm_warmup trains the LLM's blocks (not its tied embeddings, not the ViT or adapter) on text_induction's
+    plain-text split, before any stage that shows the LLM an image; the data it names is what prepare_tiny writes."""
+    from sailvl.recipes.tiny import EXTRA, group_path, tiny
+    from sailvl.train.optim import apply_trainable
+
+    run = tiny(data_dir=str(tmp_path))
+    names = [s.name for s in run.stages]
+    stage = run.stages[names.index("llm_warmup")]
+    assert names.index("llm_warmup") < names.index("vit_warmup")
+    assert [d.path for d in stage.data] == [group_path(str(tmp_path), "induction")]
+    assert EXTRA["induction"][1] == ["text_induction"]
+    model = SailVL(run.model)
+    apply_trainable(model, stage)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("language_model.model.") for n in trained)
+    assert "language_model.model.embed_tokens.weight" not in trained
+    assert {n for n, _ in model.language_model.model.layers.named_parameters(prefix="language_model.model.layers")} <= trained

@@ -207,9 +207,29 @@ class Processor:
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_image_tokens": n_visual,
                 "text": text, "tokens_per_image": img_tokens}
 
+    def encode_text(self, text: str, prompt: str | None = None) -> dict:
+        """Plain text (no chat template) -> model inputs: every token of `text` a label, as LLM pretraining text is
+        trained (a sample's first token is never predicted: the packer's loss weights skip it); an untrained
+        `prompt` before it (tokenized on its own, so the two meet at a token boundary)."""
+        head = self.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+        body = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = torch.tensor(head + body, dtype=torch.long)
+        if (ids == self.img_context_id).any():
+            raise SkipSample("a text sample holds image-context tokens")
+        if self.config.max_length is not None and len(ids) > self.config.max_length:
+            raise SkipSample(f"too long: {len(ids)} tokens > max_length {self.config.max_length}")
+        labels = ids.clone()
+        labels[:len(head)] = IGNORE_INDEX
+        if int((labels[1:] != IGNORE_INDEX).sum()) == 0:
+            raise SkipSample("no trainable tokens")
+        return {"input_ids": ids, "labels": labels, "pixel_values": None, "num_image_tokens": 0,
+                "text": (prompt or "") + text, "tokens_per_image": []}
+
     def encode_sample(self, sample: Sample) -> dict:
         """A training sample -> model inputs (raises SkipSample for anything unusable)."""
         sample.validate()
+        if sample.text is not None:
+            return self.encode_text(sample.text, sample.prompt)
         out = self(sample.messages, sample.images, sample.video)
         if not (out["labels"] != IGNORE_INDEX).any():
             raise SkipSample("no trainable tokens")

@@ -1,7 +1,9 @@
 """Parsing of conversation records into `Sample`s: one parser for LLaVA / InternVL records
 (`conversations` of {"from", "value"}, `image` / `images` / `video`) and OpenAI chat records (`messages` of
 {"role", "content"}, content a string or typed parts: image parts become `<image>` where they stand,
-`data:` URIs are decoded to bytes), plus optional top-level `images`, `task`, `answer`, `id`.
+`data:` URIs are decoded to bytes), plus optional top-level `images`, `task`, `answer`, `id`; and plain-text
+records with no turns and no media: `{"text": ...}` (a document, trained on every token) or `{"prompt": ...,
+"completion": ...}` (trained on the completion only).
 InternVL convention: images (a video) without any `<image>` (`<video>`) in the user text get `<image>\n`
 per image (`<video>\n`) prepended to the first user turn. Any unexpected shape is `SkipSample`.
 """
@@ -32,8 +34,21 @@ def parse_record(rec: Any, lookup: Lookup, default_images: Iterable[Any] = ()) -
     if not isinstance(rec, dict):
         raise SkipSample(f"malformed record: a JSON {type(rec).__name__}, not an object")
     turns = rec.get("messages", rec.get("conversations"))
+    meta = {"id": rec["id"]} if rec.get("id") is not None else {}
+    if turns is None and ("text" in rec or "completion" in rec):
+        key = "text" if "text" in rec else "completion"
+        prompt = rec.get("prompt") if key == "completion" else None
+        for name, value in ((key, rec[key]), ("prompt", prompt)):
+            if value is not None and not isinstance(value, str):
+                raise SkipSample(f"malformed record: {name!r} is a {type(value).__name__}, not a string")
+        if key == "completion" and prompt is None:
+            raise SkipSample("malformed record: a 'completion' without its 'prompt'")
+        if any(rec.get(k) is not None for k in ("image", "images", "video")):
+            raise SkipSample("malformed record: a text record cannot carry images or video")
+        return Sample([], task=_opt_str(rec.get("task")), answer=_opt_str(rec.get("answer")), meta=meta,
+                      text=rec[key], prompt=prompt)
     if turns is None:
-        raise SkipSample("malformed record: no 'conversations' or 'messages'")
+        raise SkipSample("malformed record: no 'conversations', 'messages', 'text' or 'completion'")
     media = _Media(lookup)
     messages = _messages(turns, media)
     top = as_list(rec.get("image")) + as_list(rec.get("images"))
@@ -42,7 +57,6 @@ def parse_record(rec: Any, lookup: Lookup, default_images: Iterable[Any] = ()) -
     if not media.images and not top and media.video is None:
         media.images = [resolve_ref(r, "image", lookup) for r in default_images]
     _add_placeholders(messages, len(media.images), media.video is not None)
-    meta = {"id": rec["id"]} if rec.get("id") is not None else {}
     if rec.get("focus") is not None:
         try:
             meta["focus"] = parse_focus(rec["focus"])

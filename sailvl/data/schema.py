@@ -10,6 +10,9 @@ A `Sample` is a conversation plus its visual inputs, still undecoded:
   - `video`: a video file path, a folder of frames, or a list of frame entries (as for images).
   - `task` / `answer`: the task name and the verifiable answer, when the record has them (synthetic
     data, eval sets), so a scorer can check a prediction exactly.
+  - `text` (and `prompt`): instead of messages, plain text with no chat template: a document trained on every
+    token (LLM pretraining text), or with `prompt` an untrained context before the trained `text` (a
+    prompt-completion pair); such a sample has no messages, images or video.
   - `source` / `key`: where the record came from (source name; line number, tar key or parquet row)
     so a skipped record can be reported precisely.
 
@@ -50,9 +53,19 @@ class Sample:
     source: str = ""
     key: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    prompt: str | None = None
 
     def validate(self) -> Sample:
         """Structural checks every source applies; raises SkipSample naming the problem."""
+        if self.text is not None or self.prompt is not None:
+            if not isinstance(self.text, str) or not self.text.strip():
+                raise SkipSample("a text sample needs a non-empty text (completion)")
+            if self.prompt is not None and not isinstance(self.prompt, str):
+                raise SkipSample(f"a text sample's prompt must be a string, not {type(self.prompt).__name__}")
+            if self.messages or self.images or self.video is not None:
+                raise SkipSample("a text sample cannot also carry messages, images or video")
+            return self
         if not self.messages:
             raise SkipSample("no messages")
         for m in self.messages:

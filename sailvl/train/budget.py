@@ -115,6 +115,9 @@ class Reference:
     # sft ran 25% over its prediction, longcot_sft and think_fusion_sft got 0.58 / 0.54 of their steps, math_cot
     # 0.98 -> 0.64)
     keep_reserve: float = 0.0
+    # stages that always run their recipe's steps, neither cut nor grown, the others planned around them: a stage
+    # whose worth comes all at once at its end (the tiny recipe's llm_warmup, a circuit that forms after a plateau)
+    fixed: tuple[str, ...] = ()
 
 
 class Budget:
@@ -154,6 +157,8 @@ class Budget:
         stage itself gets the factor of all stages left); with time to spare (beyond that reserve), stages in
         `reference.grow` share it, less `grow_reserve` (at most `max_grow`; the last stage at most `last_max_grow`),
         and the others get 1."""
+        if stages[si].name in self.ref.fixed:
+            return 1.0
         left, rest = self._left(), stages[si:]
         kept, held = self._kept(rest)
         spare = left - held - self.predicted_s(rest)
@@ -161,15 +166,18 @@ class Budget:
             if stages[si].name not in self.ref.grow:
                 return 1.0
             return self._grow_factor(rest, spare, self.ref.last_max_grow if si == len(stages) - 1 else None)
-        if kept:  # the kept stages' time first, the others share what is left
+        if kept:  # the kept (and fixed) stages' time first, the others share what is left
             left -= held + self.predicted_s(kept)
-            rest = [s for s in rest if s.name not in self.ref.keep]
+            rest = [s for s in rest if s.name not in {k.name for k in kept}]
         need = self.predicted_s(rest)
         return max(0.0, min(1.0, left / need)) if need > 0 else 1.0
 
     def _kept(self, rest: list[Stage]) -> tuple[list[Stage], float]:
-        """The kept stages after rest[0] plans (none when rest[0] is one of them) and the seconds held back for them."""
+        """The kept stages after rest[0] plans (none when rest[0] is one of them; fixed stages always) and the seconds
+        held back for them."""
+        fixed = [s for s in rest[1:] if s.name in self.ref.fixed]
         kept = [] if rest[0].name in self.ref.keep else [s for s in rest if s.name in self.ref.keep]
+        kept = sorted(kept + fixed, key=rest.index)
         return kept, self.ref.keep_reserve * self.predicted_s(kept)
 
     def _left(self) -> float:
@@ -209,7 +217,7 @@ class Budget:
             grow = self._grow_factor(stages, spare)
             return [grow if s.name in self.ref.grow else 1.0 for s in stages]
         scale = self.scale_for(stages, 0)
-        return [1.0 if s.name in self.ref.keep and scale > 0 else scale for s in stages]
+        return [1.0 if (s.name in self.ref.keep and scale > 0) or s.name in self.ref.fixed else scale for s in stages]
 
     def plan_all(self, stages: list[Stage]) -> list[Stage]:
         """Every stage planned now by `factors` (for runs this process cannot follow stage by stage, e.g. under

@@ -17,8 +17,10 @@ Tasks (TASKS): caption, caption_pretrain, vqa_color, vqa_shape, vqa_count, vqa_s
 vqa_yesno, scene_qa, ocr, chart, table, grounding, math_cot, math_direct, multi_change, video_motion,
 video_count, text_instruct. Training-only generators (TRAIN_ONLY, accepted by name, never in the default
 task list): scene_drill (4-6 of the scene tasks' questions about one scene, one conversation),
-text_drill (every value of a chart, every cell of a table, ... about one text image) and text_lists
-(text_instruct's open-ended kinds: list operations, sequences, comparisons).
+text_drill (every value of a chart, every cell of a table, ... about one text image), text_lists
+(text_instruct's open-ended kinds: list operations, sequences, comparisons), text_recall (repeats and key
+lookups in chat form) and text_induction (plain-text records with no conversations, `{"prompt": ..., "completion":
+...}`: random runs written twice and one-token key:value lookups, on which the LLM forms induction heads).
 
 The default `World` (64 px, <= 3 objects of radius 10-17 px, 1-3 large OCR characters, single-digit
 addition) is the one CALIBRATION.md found learnable by a tiny ViT on a CPU; its fields are the

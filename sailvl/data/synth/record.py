@@ -110,7 +110,18 @@ def place_media(record: dict, position: str) -> dict:
     return record
 
 
+TEXT_KEYS = ("text", "prompt", "completion")  # a plain-text record's: {"text"} or {"prompt", "completion"}
+
+
+def is_text_record(record: dict) -> bool:
+    """A plain-text record (no turns, no media): a document, or a prompt-completion pair."""
+    return "text" in record or "completion" in record
+
+
 def prompt_of(record: dict) -> str:
+    """The first human turn; a plain-text record's whole text."""
+    if is_text_record(record):
+        return record.get("prompt", "") + record.get("completion", record.get("text", ""))
     return record["conversations"][0]["value"]
 
 
@@ -126,6 +137,10 @@ def media_key(record: dict, n_images: int) -> str | None:
 def to_sample(record: dict, images: list[Image.Image], key: str = "") -> Sample:
     """A validated `sailvl.data.schema.Sample` holding the PIL images in memory (for in-process
     training streams that skip the disk)."""
+    if is_text_record(record):
+        return Sample([], task=record["task"], answer=record["answer"], source="synth", key=key or record.get("id", ""),
+                      meta=dict(record.get("meta", {})), text=record.get("completion", record.get("text")),
+                      prompt=record.get("prompt")).validate()
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     messages = [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
     is_video = media_key(record, len(images)) == "video"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import tasks_scene as S
 from . import tasks_text as T
-from .record import add_focus, add_scene_trace, place_media
+from .record import add_focus, add_scene_trace, is_text_record, place_media
 from .world import World, resolve_world
 
 Generator = Callable[[random.Random, World], "tuple[dict, list[Image.Image]]"]
@@ -56,6 +56,7 @@ TRAIN_ONLY: dict[str, Generator] = {
     "text_drill": T.text_drill,
     "text_lists": T.text_lists,
     "text_recall": T.text_recall,
+    "text_induction": T.text_induction,
 }
 GENERATORS: dict[str, Generator] = {**TASKS, **TRAIN_ONLY}
 
@@ -99,6 +100,8 @@ def sample(task: str, rng: random.Random | np.random.Generator | int, image_size
 def draw(task: str, rng: random.Random, world: World) -> tuple[dict, list[Image.Image]]:
     """GENERATORS[task] with the world's placement of the image / video placeholders applied."""
     record, images = GENERATORS[task](rng, world)
+    if is_text_record(record):  # no turns, no media
+        return record, images
     if world.scene_trace == "caption":
         record = add_scene_trace(record, world.image_size)
     if world.focus:

@@ -283,6 +283,25 @@ def text_recall(rng: random.Random, world: World):
                        {"kind": "lookup"}), []
 
 
+def text_induction(rng: random.Random, world: World):
+    """Training only, plain-text prompt-completion records (no chat template; the completion is trained): a random
+    run of capitals and digits written twice ("EQH635." -> "EQH635", one token per character), or three one-token
+    key:value pairs and a key to look up ("X:9,A:4,Q:6.Q=" -> "6"). The text on which a transformer forms induction
+    heads, the circuit that looks a key's value up in context (`benchmarks/induction.py`). In the sailvl trainer the
+    tiny recipe's LLM learns these lookups (1.00 after 1,200 steps from the recipe's init) and, from there, the chat
+    format's `text_recall` lookups in 200 steps (0.99), where `text_recall` alone stays at chance after 1,800. The
+    loss is on the completion: on every token, the toy had not formed the heads by 1,000 steps (README, session 27)."""
+    if rng.random() < 0.5:
+        run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(4, 12)))
+        return {"task": "text_induction", "answer": run, "prompt": f"{run}.", "completion": run,
+                "meta": {"kind": "repeat"}}, []
+    keys, values = rng.sample(RECALL_SYMBOLS[:26], 3), rng.sample(RECALL_SYMBOLS[26:], 3)
+    i = rng.randrange(3)
+    pairs = ",".join(f"{k}:{v}" for k, v in zip(keys, values))
+    return {"task": "text_induction", "answer": values[i], "prompt": f"{pairs}.{keys[i]}=", "completion": values[i],
+            "meta": {"kind": "lookup"}}, []
+
+
 def text_lists(rng: random.Random, world: World):
     """Training only: text_instruct's open-ended kinds (LIST_KINDS: list operations, sequences, comparisons), the
     ones its test split holds. The records are text_instruct's (task name included), so a split written after them

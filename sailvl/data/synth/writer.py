@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .record import media_key, prompt_of
+from .record import TEXT_KEYS, is_text_record, media_key, prompt_of
 from .registry import check_tasks, draw
 from .world import World, resolve_world
 
@@ -120,7 +120,10 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str],
                 out["image"] = rel[0]
             elif key is not None:
                 out[key] = rel
-            out["conversations"] = record["conversations"]
+            if is_text_record(record):
+                out.update((k, record[k]) for k in TEXT_KEYS if k in record)
+            else:
+                out["conversations"] = record["conversations"]
             if "focus" in record:
                 out["focus"] = record["focus"]
             out["meta"] = record["meta"]
