@@ -19,8 +19,9 @@ with repeats 0.99 / 0.97; spaced 0.74 / 0.75; with the recipe's init the repeats
 session 26). The model can look up; what forms the circuit is the data and the initial weights.
 
 `--opening N` puts the same N tokens before every sample, as the chat template's `<|im_start|>user\n` opens every
-sample of the synthetic world: the circuit then forms later (session scripts from the recipe's weights with N(0, 1)
-embeddings, with repeats: 0.32 at 600 steps against 1.00 without, 0.98 at 1,200; README, session 27).
+sample of the synthetic world: the circuit then forms later (with repeats, `--opening 3 --steps 1200`, ours /
+transformers': 0.37 / 0.36 at 600 steps, 0.47 / 1.00 at 800, 0.99 / 0.95 at 1,000, 1.00 / 1.00 at 1,200; README,
+session 27).
 
 Run: .venv/bin/python benchmarks/induction.py [--steps 600] [--every 200] [--optimizer muon|adamw] [--init torch|recipe]
      [--mixtures lookups,with_repeats,spaced_with_repeats] [--opening 0-3]
@@ -166,8 +167,8 @@ def main() -> None:
             print(f"[induction] {mixture} {name}: {curve} ({time.perf_counter() - t0:.0f} s)", flush=True)
             rows.append([mixture, name, *curve])
     steps = [str(s) for s in range(args.every, args.steps + 1, args.every)]
-    print_table(f"held-out lookup accuracy by training step ({args.optimizer}, {args.init} init, opening {args.opening}; "
-                "chance 0.33)", ["mixture", "model", *steps], rows)
+    title = f"held-out lookup accuracy by training step ({args.optimizer}, {args.init} init, opening {args.opening}"
+    print_table(title + "; chance 0.33)", ["mixture", "model", *steps], rows)
     for mixture in mixtures:
         ours, ref = (r[-1] for r in rows if r[0] == mixture)
         print(f"{mixture}: ours / transformers at step {args.steps}: {ours:.3f} / {ref:.3f}")
