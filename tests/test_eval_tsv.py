@@ -163,3 +163,15 @@ def test_jsonl_questions_circular_and_limit(tmp_path):
     assert [it.id for it in expanded] == ["q1@0", "q1@1", "q1@2", "q2@0", "q2@1"]
     assert expanded[1].options == {"A": "green", "B": "red", "C": "blue"} and expanded[1].answers == ["C"]
     assert [it.id for it in load_items(spec, limit=1)[0]] == ["q1@0", "q1@1", "q1@2"]
+
+
+def test_jsonl_conversation_records_skip_plain_text_ones(tmp_path):
+    """A conversation-record question file may hold plain-text (training) records: they ask nothing and are skipped
+    with a reason, not an error."""
+    lines = ['{"id": "c1", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}',
+             '{"id": "t1", "prompt": "K:1.K=", "completion": "1"}']
+    path = tmp_path / "recs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    items, skipped = read_jsonl_items(path)
+    assert [(it.id, it.question, it.answers) for it in items] == [("c1", "Say hi.", ["hi"])]
+    assert skipped == [{"id": "line 2", "reason": "no question (no user turn)"}]

@@ -97,8 +97,12 @@ def _record_items(path: Path) -> tuple[list[EvalItem], list[dict]]:
         except SkipSample as e:
             skipped.append({"id": src.key(i), "reason": e.reason})
             continue
+        users = [k for k, m in enumerate(s.messages) if m["role"] == "user"]
+        if not users:  # a plain-text record, or turns without a question
+            skipped.append({"id": src.key(i), "reason": "no question (no user turn)"})
+            continue
         # the item asks the last user turn; earlier turns (a multi-turn record) are its history
-        last_user = max(i for i, m in enumerate(s.messages) if m["role"] == "user")
+        last_user = users[-1]
         reply = next((m["content"] for m in s.messages[last_user:] if m["role"] == "assistant"), None)
         items.append(EvalItem(id=str(s.meta.get("id", s.key)), question=s.messages[last_user]["content"],
                               answers=[s.answer if s.answer is not None else reply], images=list(s.images),

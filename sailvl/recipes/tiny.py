@@ -157,7 +157,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
                   "read_ocr": 2, "read_equation": 1, "read_chart": 1, "read_table": 1, "scene": 2}}),
         # stands in for the pretrained Qwen3's in-context lookup: the LLM alone on plain text (no chat template)
         # until it forms induction heads, which every question that names what to look up needs (a chart's label, a
-        # table's cell). Without it the LLM never forms them in the VLM stages (chart at chance in every demo; the
+        # table's cell). Without it the LLM had not formed them in the VLM stages (chart at chance in every demo; the
         # chat-format lookups of text_recall at chance after 1,800 steps of them alone); with it, 200 steps of those
         # lookups give 0.99 (README, session 27)
         # The token embeddings (tied to the head) stay as drawn: trained here they grew ~3x on the few symbols this
