@@ -145,7 +145,7 @@ def test_jsonl_plain_text_records(tmp_path):
     write_png(tmp_path / "a.png")
     lines = [{"text": "a document", "task": "t"}, {"prompt": "K:1.K=", "completion": "1", "id": 7},
              {"text": 5}, {"completion": "x"}, {"text": "x", "image": "a.png"}, {"text": " "},
-             {"prompt": ["K"], "completion": "1"}]
+             {"prompt": ["K"], "completion": "1"}, {"text": "x", **conv("hi")}]
     src = JsonlSource(write_jsonl(tmp_path / "t.jsonl", lines))
     doc, pair = src.read(0), src.read(1)
     assert (doc.text, doc.prompt, doc.messages, doc.task) == ("a document", None, [], "t")
@@ -156,6 +156,7 @@ def test_jsonl_plain_text_records(tmp_path):
     assert reasons[2] == "malformed record: a text record cannot carry images or video"
     assert reasons[3] == "a text sample needs a non-empty text (completion)"
     assert reasons[4] == "malformed record: 'prompt' is a list, not a string"
+    assert skip_reason(src, 7) == "malformed record: both turns and plain text ('text' / 'completion')"
 
 
 def test_jsonl_missing_file_and_crlf(tmp_path):

@@ -35,6 +35,8 @@ def parse_record(rec: Any, lookup: Lookup, default_images: Iterable[Any] = ()) -
         raise SkipSample(f"malformed record: a JSON {type(rec).__name__}, not an object")
     turns = rec.get("messages", rec.get("conversations"))
     meta = {"id": rec["id"]} if rec.get("id") is not None else {}
+    if turns is not None and ("text" in rec or "completion" in rec):
+        raise SkipSample("malformed record: both turns and plain text ('text' / 'completion')")
     if turns is None and ("text" in rec or "completion" in rec):
         key = "text" if "text" in rec else "completion"
         prompt = rec.get("prompt") if key == "completion" else None
