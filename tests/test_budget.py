@@ -136,6 +136,10 @@ def test_fixed_stages_run_their_steps_neither_cut_nor_grown(tmp_path):
     assert late.stage(s, 1).steps == 50
     easy = budget_at(tmp_path / "easy", 1010, elapsed=0, probe_s=2.0, ref=ref)  # 400 s to spare: a and c grow
     assert easy.factors(s) == pytest.approx([2.0, 1.0, 2.0], abs=1e-3)
+    # a fixed first stage planned with the others at once (plan_all): its time still comes first
+    first = stages(f=50, a=100, c=100)
+    assert budget_at(tmp_path / "first", 410, elapsed=0, probe_s=2.0, ref=ref).factors(first) == pytest.approx(
+        [1.0, 0.5, 0.5], abs=1e-3)
 
 
 def test_time_to_spare_goes_to_the_growing_stages_up_to_max_grow(tmp_path):

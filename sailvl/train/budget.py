@@ -156,9 +156,11 @@ class Budget:
         `reference.keep` count at full size plus `keep_reserve` of it and the others share what is left (a kept
         stage itself gets the factor of all stages left); with time to spare (beyond that reserve), stages in
         `reference.grow` share it, less `grow_reserve` (at most `max_grow`; the last stage at most `last_max_grow`),
-        and the others get 1."""
-        if stages[si].name in self.ref.fixed:
-            return 1.0
+        and the others get 1; a stage in `reference.fixed` gets 1 always, its time counted first for the others."""
+        return 1.0 if stages[si].name in self.ref.fixed else self._scale(stages, si)
+
+    def _scale(self, stages: list[Stage], si: int) -> float:
+        """`scale_for` without the fixed stages' 1: the factor the stages from si that are not fixed share."""
         left, rest = self._left(), stages[si:]
         kept, held = self._kept(rest)
         spare = left - held - self.predicted_s(rest)
@@ -173,11 +175,10 @@ class Budget:
         return max(0.0, min(1.0, left / need)) if need > 0 else 1.0
 
     def _kept(self, rest: list[Stage]) -> tuple[list[Stage], float]:
-        """The kept stages after rest[0] plans (none when rest[0] is one of them; fixed stages always) and the seconds
-        held back for them."""
-        fixed = [s for s in rest[1:] if s.name in self.ref.fixed]
-        kept = [] if rest[0].name in self.ref.keep else [s for s in rest if s.name in self.ref.keep]
-        kept = sorted(kept + fixed, key=rest.index)
+        """The stages whose time comes first when rest[0] plans: every fixed one, and the kept ones unless rest[0] is
+        one of them; and the seconds held back for them."""
+        keep = rest[0].name not in self.ref.keep
+        kept = [s for s in rest if s.name in self.ref.fixed or (keep and s.name in self.ref.keep)]
         return kept, self.ref.keep_reserve * self.predicted_s(kept)
 
     def _left(self) -> float:
@@ -216,7 +217,7 @@ class Budget:
         if spare >= 0:
             grow = self._grow_factor(stages, spare)
             return [grow if s.name in self.ref.grow else 1.0 for s in stages]
-        scale = self.scale_for(stages, 0)
+        scale = self._scale(stages, 0)
         return [1.0 if (s.name in self.ref.keep and scale > 0) or s.name in self.ref.fixed else scale for s in stages]
 
     def plan_all(self, stages: list[Stage]) -> list[Stage]:
