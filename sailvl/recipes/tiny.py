@@ -200,18 +200,15 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
 
 
 # The time budget's reference (`sailvl demo --minutes`, sailvl.train.budget): seconds per step of each stage of the
-# recipe at scale 1, export included, and the speed probe. Measured in one demo run on this 2-core CPU (2026-12-03, a
-# slow hour: training took 1,090 s), then each stage's time rescaled by the mean of its ratio to the probe's
-# prediction in two default demos of the current recipe (sessions 22 and 23, probe 0.62x / 0.81x): the later stages
-# ran 1.1-1.4x what the first measurement said relative to the rest (their mixtures have changed since; sft 1.29x /
-# 1.37x), so sft overran its prediction and the cut fell on the thinking stages. vit_dense 0.3483 -> 0.30 since its
-# images are drawn 2.1x faster (benchmarks/bench_dense.py; ~46 ms less per step of 64): in session 25's demo it ran at
-# 0.64x the old reference's step time while the stages around it ran at 0.77-0.84x (0.28 by that ratio; 0.30 keeps a
-# margin). llm_warmup (session 27): 0.096-0.128 s a step in a fast hour (probe 0.135 s), 0.19 at the reference's speed.
+# recipe at scale 1, export included, at the speed probe's reference time. Each stage's value is the mean of its
+# seconds per step over the probe's factor in the two default demos of session 27 (probe 0.58x / 0.73x). The values
+# before (first measured 2026-12-03, rescaled in sessions 23 and 25) had the VLM stages 1.2-1.7x too slow (sft 0.403
+# against 0.274 / 0.257 measured): both demos cut vit_dense, vit_read or llm_warmup for time the later stages then
+# did not need, grew the thinking stages to 2-3x their steps instead, and left ~80 s of the 15 minutes unused.
 TINY_REFERENCE = Reference(
-    step_s={"vit_dense": 0.30, "vit_read": 0.2577, "llm_warmup": 0.19, "vit_warmup": 0.2203, "vit_finegrained": 0.3814,
-            "vit_world": 0.4106, "pretrain_basic": 0.2991, "pretrain_multitask": 0.3707, "sft": 0.4028,
-            "longcot_sft": 0.4362, "think_fusion_sft": 0.4529},
+    step_s={"vit_dense": 0.269, "vit_read": 0.273, "llm_warmup": 0.204, "vit_warmup": 0.197, "vit_finegrained": 0.316,
+            "vit_world": 0.325, "pretrain_basic": 0.207, "pretrain_multitask": 0.269, "sft": 0.266,
+            "longcot_sft": 0.259, "think_fusion_sft": 0.280},
     # the thinking stages (~90 s) whole: squeezed to 0.65 of their steps in a budgeted run, math_cot fell 0.82 -> 0.08
     # and 0.2 of their time (~20 s) held back from the stages before them: in session 23's demo sft ran ~29 s over its
     # prediction (mostly the old reference's error, corrected above; the reserve covers what is left of such swings)
