@@ -193,3 +193,6 @@ def test_tiny_llm_warmup_trains_the_llm_blocks_on_plain_text(tmp_path):
     assert trained and all(n.startswith("language_model.model.") for n in trained)
     assert "language_model.model.embed_tokens.weight" not in trained
     assert {n for n, _ in model.language_model.model.layers.named_parameters(prefix="language_model.model.layers")} <= trained
+    # and its text stays in the later stages that train the LLM on the multi-task mixture, so the lookups are kept
+    later = [s for s in run.stages[names.index("vit_finegrained"):] if s.name != "longcot_sft"]
+    assert all("induction" in {d.name for d in s.data} for s in later if "llm" in s.trainable), [s.name for s in later]

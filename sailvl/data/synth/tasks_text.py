@@ -48,14 +48,23 @@ def _chart_question(rng: random.Random, spec: dict, question: str | None = None,
         [labels[i], labels[j]]
 
 
+CHART_READ_QUESTION = "Read the chart from left to right."
+# a chart trace's line for the highest / lowest value's label: (its first word, the sign that makes it a max)
+EXTREMES = {"max": ("Highest", 1), "min": ("Lowest", -1)}
+
+
 def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
     """The reasoning for a chart question, one line each: the chart read left to right ("Y=5, N=8, B=4."), then each
-    label the question names with its value ("B=4."), then for a difference the subtraction. A value is one token
+    label the question names with its value ("B=4."), or the label of the highest / lowest value with it ("Highest:
+    N=8."), then for a difference the subtraction. A value is one token
     after its label (no space between: the tokenizer gives a space before a digit a token of its own), the layout in
     which a bare LLM learns lookups fastest (`benchmarks/induction.py`; in the VLM they are not learnt yet, README
     session 26)."""
     value = dict(zip(spec["labels"], spec["values"]))
     lines = ["From left to right: " + ", ".join(f"{lab}={v}" for lab, v in value.items()) + "."]
+    if question in EXTREMES:
+        lab = max(value, key=lambda k: value[k] * EXTREMES[question][1])
+        lines.append(f"{EXTREMES[question][0]}: {lab}={value[lab]}.")
     if args:
         lines.append(", ".join(f"{lab}={value[lab]}" for lab in args) + ".")
     if question == "diff":
@@ -171,7 +180,8 @@ def caption_pretrain(rng: random.Random, world: World):
 def text_drill(rng: random.Random, world: World):
     """Training only: several questions about one rendered-text image (the OCR, chart, table and arithmetic
     tasks' phrasings, plus the text's colour and the equation's transcript), as one conversation: every
-    value of a chart and its max / min / a difference, every cell of a table."""
+    value of a chart and its max / min / a difference, every cell of a table. With `World(chart_trace="read")` a
+    chart's conversation opens with its reading (`CHART_READ_QUESTION`, answered as the trace's first line)."""
     kind = rng.choice(("text", "chart", "table", "equation"))
     if kind == "text":
         spec, img = R.make_text_image(rng, world)
@@ -187,8 +197,10 @@ def text_drill(rng: random.Random, world: World):
         spec, img = R.make_equation_image(rng, world)
         turns = [(MATH_QUESTION, str(spec["result"])), (OCR_QUESTION, spec["text"])]
     rng.shuffle(turns)
+    if kind == "chart" and world.chart_trace == "read":  # read first: the questions then look up in the transcript
+        turns.insert(0, (CHART_READ_QUESTION, chart_trace(spec, "value", [])[0]))
     record = make_record("text_drill", "", turns[-1][1], {**spec, "image_kind": kind}, n_images=1)
-    record["conversations"] = conversation([(q, a, True) for q, a in turns], world)
+    record["conversations"] = conversation([(q, a, q != CHART_READ_QUESTION) for q, a in turns], world)
     return record, [img]
 
 
@@ -286,20 +298,35 @@ def text_recall(rng: random.Random, world: World):
 def text_induction(rng: random.Random, world: World):
     """Training only, plain-text prompt-completion records (no chat template; the completion is trained): a random
     run of capitals and digits written twice ("EQH635." -> "EQH635", one token per character), or three one-token
-    key:value pairs and a key to look up ("X:9,A:4,Q:6.Q=" -> "6"). The text on which a transformer forms induction
-    heads, the circuit that looks a key's value up in context (`benchmarks/induction.py`). In the sailvl trainer the
-    tiny recipe's LLM learns these lookups (1.00 after 1,200 steps from the recipe's init) and, from there, the chat
-    format's `text_recall` lookups in 200 steps (0.99), where `text_recall` alone stays at chance after 1,800. The
-    loss is on the completion: on every token, the toy had not formed the heads by 1,000 steps (README, session 27)."""
+    key=value pairs as `chart_trace` reads a chart, then on a new line a key to look up, after another key's pair
+    or not, as its lines naming labels start ("Y=5, N=8, B=4.\nB=" -> "4"; "Y=5, N=8, B=4.\nN=8, Y=" -> "5"), or
+    the highest / lowest value's label with its value ("Y=5, N=8, B=4.\nHighest: " -> "N=8"). The
+    text on which a transformer forms induction heads, the circuit that looks a key's value up in context
+    (`benchmarks/induction.py`). In the sailvl trainer the tiny recipe's LLM learns these lookups (0.99 after 1,200
+    steps from the recipe's init); from there, chart questions trained alone through the reading trace find a named
+    label's value 0.95 (0.34 from an LLM warmed up on "X:9,A:4,Q:6.Q=" lookups, the layout this had before; README,
+    session 28). The loss is on the completion: on every token, the toy had not formed the heads by 1,000 steps
+    (README, session 27)."""
     if rng.random() < 0.5:
         run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(4, 12)))
         return {"task": "text_induction", "answer": run, "prompt": f"{run}.", "completion": run,
                 "meta": {"kind": "repeat"}}, []
     keys, values = rng.sample(RECALL_SYMBOLS[:26], 3), rng.sample(RECALL_SYMBOLS[26:], 3)
+    pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+    if rng.random() < 0.4:  # the highest / lowest value's label and its value, as chart_trace writes them
+        question = rng.choice(sorted(EXTREMES))
+        word, sign = EXTREMES[question]
+        i = max(range(3), key=lambda x: int(values[x]) * sign)
+        completion = f"{keys[i]}={values[i]}"
+        return {"task": "text_induction", "answer": completion, "prompt": f"{pairs}.\n{word}: ",
+                "completion": completion, "meta": {"kind": question}}, []
     i = rng.randrange(3)
-    pairs = ",".join(f"{k}:{v}" for k, v in zip(keys, values))
-    return {"task": "text_induction", "answer": values[i], "prompt": f"{pairs}.{keys[i]}=", "completion": values[i],
-            "meta": {"kind": "lookup"}}, []
+    before = ""
+    if rng.random() < 0.4:  # a difference's line names two labels: the second is looked up after the first's pair
+        j = rng.choice([x for x in range(3) if x != i])
+        before = f"{keys[j]}={values[j]}, "
+    return {"task": "text_induction", "answer": values[i], "prompt": f"{pairs}.\n{before}{keys[i]}=",
+            "completion": values[i], "meta": {"kind": "lookup"}}, []
 
 
 def text_lists(rng: random.Random, world: World):
