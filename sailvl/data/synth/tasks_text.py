@@ -56,10 +56,10 @@ EXTREMES = {"max": ("Highest", 1), "min": ("Lowest", -1)}
 def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
     """The reasoning for a chart question, one line each: the chart read left to right ("Y=5, N=8, B=4."), then each
     label the question names with its value ("B=4."), or the label of the highest / lowest value with it ("Highest:
-    N=8."), then for a difference the subtraction. A value is one token
-    after its label (no space between: the tokenizer gives a space before a digit a token of its own), the layout in
-    which a bare LLM learns lookups fastest (`benchmarks/induction.py`; in the VLM they are not learnt yet, README
-    session 26)."""
+    N=8."), then for a difference the subtraction. A value is one token after its label (no space between: the
+    tokenizer gives a space before a digit a token of its own), the layout in which a bare LLM learns lookups fastest
+    (`benchmarks/induction.py`). `text_induction` teaches these lookups in this layout: chart alone then finds a named
+    label's value 0.95 through the trace, while the whole recipe still misreads the labels (README, session 28)."""
     value = dict(zip(spec["labels"], spec["values"]))
     lines = ["From left to right: " + ", ".join(f"{lab}={v}" for lab, v in value.items()) + "."]
     if question in EXTREMES:
