@@ -312,21 +312,22 @@ def text_induction(rng: random.Random, world: World):
         return {"task": "text_induction", "answer": run, "prompt": f"{run}.", "completion": run,
                 "meta": {"kind": "repeat"}}, []
     keys, values = rng.sample(RECALL_SYMBOLS[:26], 3), rng.sample(RECALL_SYMBOLS[26:], 3)
-    pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
-    if rng.random() < 0.4:  # the highest / lowest value's label and its value, as chart_trace writes them
-        question = rng.choice(sorted(EXTREMES))
-        word, sign = EXTREMES[question]
-        i = max(range(3), key=lambda x: int(values[x]) * sign)
-        completion = f"{keys[i]}={values[i]}"
-        return {"task": "text_induction", "answer": completion, "prompt": f"{pairs}.\n{word}: ",
-                "completion": completion, "meta": {"kind": question}}, []
-    i = rng.randrange(3)
-    before = ""
-    if rng.random() < 0.4:  # a difference's line names two labels: the second is looked up after the first's pair
-        j = rng.choice([x for x in range(3) if x != i])
-        before = f"{keys[j]}={values[j]}, "
-    return {"task": "text_induction", "answer": values[i], "prompt": f"{pairs}.\n{before}{keys[i]}=",
-            "completion": values[i], "meta": {"kind": "lookup"}}, []
+    spec = {"labels": keys, "values": [int(v) for v in values]}
+    if rng.random() < 0.4:  # the highest / lowest value's label and its value
+        question, args = rng.choice(sorted(EXTREMES)), []
+    else:
+        question, i = "value", rng.randrange(3)
+        args = [keys[i]]
+        if rng.random() < 0.4:  # a difference's line names two labels: the second is looked up after the first's pair
+            args.insert(0, keys[rng.choice([x for x in range(3) if x != i])])
+    # chart_trace's own lines, so the layout is the trace's: its reading, then the line asked for cut before the
+    # looked-up part (the value after the last "=", or for an extreme the label and value after "Highest: ")
+    reading, line = chart_trace(spec, question, args)[:2]
+    line = line.removesuffix(".")
+    cut = len(EXTREMES[question][0]) + 2 if question in EXTREMES else line.rindex("=") + 1
+    prompt = reading.removeprefix("From left to right: ") + "\n" + line[:cut]
+    return {"task": "text_induction", "answer": line[cut:], "prompt": prompt, "completion": line[cut:],
+            "meta": {"kind": "lookup" if question == "value" else question}}, []
 
 
 def text_lists(rng: random.Random, world: World):
