@@ -60,7 +60,7 @@ def _synth(args) -> int:
             raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
     n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 10)
     out = generate_splits(args.out, args.n, n_eval, n_eval, seed=args.seed, tasks=args.tasks,
-                          image_size=args.image_size)
+                          image_size=args.image_size, workers=args.workers)
     for split, summary in out.items():
         print(f"{split}: {summary['n']} samples -> {summary['jsonl']}")
     return 0
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--tasks", nargs="+", default=None, help="subset of task names (default: all)")
     sy.add_argument("--image-size", type=int, default=64)
+    sy.add_argument("--workers", type=int, default=None,
+                    help="processes drawing the samples (default: one per CPU; the same files whatever the number)")
     sy.set_defaults(func=_synth)
 
     # Subcommands that live with their subsystem: each module's add_parsers(sub) registers its own.

@@ -346,6 +346,27 @@ def test_extra_training_splits_join_the_disjointness(tmp_path):
         generate_splits(tmp_path, 1, 1, 1, extra_train={"test": (1, ["ocr"], easy)})
 
 
+
+def test_chunks_drawn_by_workers_give_the_same_bytes(tmp_path, monkeypatch):
+    """A split larger than a chunk is drawn chunk by chunk, each from its own RNG: 1 or 2 worker processes write the
+    same files, and val / test still avoid every chunk's content."""
+    from sailvl.data.synth import writer
+
+    tasks = ["text_instruct", "math_direct", "vqa_color"]
+    monkeypatch.setattr(writer, "CHUNK", 40)
+    res = {w: generate_splits(tmp_path / f"w{w}", 130, 30, 30, seed=1, tasks=tasks, workers=w) for w in (1, 2)}
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+    assert res[1]["train"]["tasks"] == res[2]["train"]["tasks"] and sum(res[1]["train"]["tasks"].values()) == 130
+    train = _read(tmp_path / "w1", "train")
+    assert [r["id"] for r in train] == [f"train-{i:06d}" for i in range(130)]
+    pngs = [(tmp_path / "w1" / r["image"]).read_bytes() for r in train if r["task"] == "vqa_color"]
+    assert len(set(pngs)) == len(pngs) > 40  # chunks 1-3 are not chunk 0's draws again
+    tr, va, te = (_content_keys(tmp_path / "w1", s) for s in ("train", "val", "test"))
+    assert not tr & va and not tr & te and not va & te
+    with pytest.raises(ValueError, match="workers"):
+        generate(tmp_path / "bad", 100, workers=0)
+
+
 # ---------------------------------------------------------------- dial, errors, speed
 
 def test_bigger_world():
