@@ -563,6 +563,28 @@ def test_text_drill_answers_recompute_from_the_spec():
     assert seen == {"text", "chart", "table", "equation"}
 
 
+@pytest.mark.parametrize("items", [3, 4])
+def test_chart_label_drill_names_each_label_by_its_place(items):
+    """World(chart_label_drill=True): a chart's drill also asks for each label by its place (left / middle / right
+    for three bars, "number i from the left" otherwise), answered with the label drawn there."""
+    places = {3: ("on the left", "in the middle", "on the right")}
+    world = World(answer_suffix=False, chart_label_drill=True, chart_items=items)
+    n = 0
+    for record, _ in _draws("text_drill", 40, seed=7, world=world):
+        m, conv = record["meta"], record["conversations"]
+        if m["image_kind"] != "chart":
+            continue
+        qa = [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[0::2], conv[1::2])]
+        named = {re.fullmatch(r"Which label is (.+)\?", q).group(1): a for q, a in qa if q.startswith("Which label is")}
+        want = places.get(items) or tuple(f"number {i + 1} from the left" for i in range(items))
+        assert named == dict(zip(want, m["labels"])) and len(qa) == 2 * items + 2
+        n += 1
+    assert n >= 5
+    plain = [r for r, _ in _draws("text_drill", 40, seed=7, world=World(answer_suffix=False, chart_items=items))
+             if r["meta"]["image_kind"] == "chart"]  # off by default
+    assert plain and not any("Which label is" in t["value"] for r in plain for t in r["conversations"])
+
+
 def test_answer_suffix_knob_and_training_only_generators(tmp_path):
     from sailvl.data.synth.registry import TRAIN_ONLY, check_tasks
 

@@ -73,6 +73,14 @@ def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
     return lines
 
 
+def chart_place(i: int, k: int) -> str:
+    """Where item i of k stands in a chart, in words: "on the left" / "in the middle" / "on the right" for three,
+    else "number {i + 1} from the left"."""
+    if k == 3:
+        return ("on the left", "in the middle", "on the right")[i]
+    return f"number {i + 1} from the left"
+
+
 def chart(rng: random.Random, world: World):
     """Value lookup, argmax, argmin or difference on a bar or line chart; with `World(chart_trace="read")` asked
     for thinking, the reply reading the chart (`chart_trace`) inside <think> before the answer in \\boxed{}."""
@@ -180,8 +188,9 @@ def caption_pretrain(rng: random.Random, world: World):
 def text_drill(rng: random.Random, world: World):
     """Training only: several questions about one rendered-text image (the OCR, chart, table and arithmetic
     tasks' phrasings, plus the text's colour and the equation's transcript), as one conversation: every
-    value of a chart and its max / min / a difference, every cell of a table. With `World(chart_trace="read")` a
-    chart's conversation opens with its reading (`CHART_READ_QUESTION`, answered as the trace's first line)."""
+    value of a chart and its max / min / a difference, every cell of a table; with `World(chart_label_drill=True)`
+    also each chart label by its place. With `World(chart_trace="read")` a chart's conversation opens with its
+    reading (`CHART_READ_QUESTION`, answered as the trace's first line)."""
     kind = rng.choice(("text", "chart", "table", "equation"))
     if kind == "text":
         spec, img = R.make_text_image(rng, world)
@@ -190,6 +199,9 @@ def text_drill(rng: random.Random, world: World):
         spec, img = R.make_chart(rng, world)
         turns = [_chart_question(rng, spec, "value", i)[1:3] for i in range(len(spec["labels"]))]
         turns += [_chart_question(rng, spec, rng.choice(("max", "min")))[1:3], _chart_question(rng, spec, "diff")[1:3]]
+        if world.chart_label_drill:  # each label by its place: reading the labels alone, before finding one
+            turns += [(f"Which label is {chart_place(i, len(spec['labels']))}?", lab)
+                      for i, lab in enumerate(spec["labels"])]
     elif kind == "table":
         spec, img = R.make_table(rng, world)
         turns = [_table_question(spec, j, i) for j in range(len(spec["rows"])) for i in range(len(spec["cols"]))]

@@ -91,6 +91,11 @@ class World:
     # a random pick among the chart's (0.26-0.42 by run) and chart stays 0.27-0.34 against 0.28 direct (README,
     # session 26): what it lacks is the lookup, even in text, so the demo keeps direct answers
     chart_trace: str = "none"
+    # text_drill's chart conversations also ask for each label by its place ("Which label is on the left?"): the
+    # labels read on their own, which the whole mixture's chart transcripts got wrong (README, session 28). Off in the
+    # demo: the VLM stages from one tower (seed 0) 0.659 against 0.646, chart 0.16 against 0.12, the label by its
+    # place 0.17 on fresh charts (0.97 when trained alone; README, session 29)
+    chart_label_drill: bool = False
     table_shape: tuple[int, int] = (2, 2)      # data rows, data columns
     table_max_value: int = 99
     video_frames: int = 4
