@@ -60,7 +60,7 @@ def _synth(args) -> int:
             raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
     n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 10)
     out = generate_splits(args.out, args.n, n_eval, n_eval, seed=args.seed, tasks=args.tasks,
-                          image_size=args.image_size, workers=args.workers)
+                          image_size=args.image_size, workers=args.workers, progress=True)
     for split, summary in out.items():
         print(f"{split}: {summary['n']} samples -> {summary['jsonl']}")
     return 0

@@ -347,15 +347,18 @@ def test_extra_training_splits_join_the_disjointness(tmp_path):
 
 
 
-def test_chunks_drawn_by_workers_give_the_same_bytes(tmp_path, monkeypatch):
+def test_chunks_drawn_by_workers_give_the_same_bytes(tmp_path, monkeypatch, capsys):
     """A split larger than a chunk is drawn chunk by chunk, each from its own RNG: 1 or 2 worker processes write the
     same files, and val / test still avoid every chunk's content."""
     from sailvl.data.synth import writer
 
     tasks = ["text_instruct", "math_direct", "vqa_color"]
     monkeypatch.setattr(writer, "CHUNK", 40)
-    res = {w: generate_splits(tmp_path / f"w{w}", 130, 30, 30, seed=1, tasks=tasks, workers=w) for w in (1, 2)}
+    res = {w: generate_splits(tmp_path / f"w{w}", 130, 30, 30, seed=1, tasks=tasks, workers=w, progress=w == 2)
+           for w in (1, 2)}
     assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+    lines = capsys.readouterr().err.splitlines()  # the progress line, per chunk or tenth, ends at every sample
+    assert lines[0].startswith("synth 40/190 | split train") and lines[-1].startswith("synth 190/190 | split test")
     assert res[1]["train"]["tasks"] == res[2]["train"]["tasks"] and sum(res[1]["train"]["tasks"].values()) == 130
     train = _read(tmp_path / "w1", "train")
     assert [r["id"] for r in train] == [f"train-{i:06d}" for i in range(130)]

@@ -251,7 +251,7 @@ def prepare_tiny(run: RunConfig, n_train: int = 48_000, n_eval: int = 950, seed:
         ready.unlink()
     data.mkdir(parents=True, exist_ok=True)
     generate_splits(data, n_train, n_eval, n_eval, seed=seed, world=TINY_WORLD,
-                    extra_train={k: (int(n_train * f), tasks, w) for k, (f, tasks, w) in EXTRA.items()})
+                    extra_train={k: (int(n_train * f), tasks, w) for k, (f, tasks, w) in EXTRA.items()}, progress=True)
     lines = (data / "train.jsonl").read_text().splitlines()
     task_of = [json.loads(line)["task"] for line in lines]
     for group, tasks in GROUPS.items():

@@ -37,6 +37,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import nullcontext
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -159,7 +160,9 @@ def _draw_chunk(job: tuple) -> tuple[list[str], set[int], Counter, int, int]:
 
 
 def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str], world: World,
-                 exclude: set[int] | None, keep_hashes: bool, pool: Executor | None = None) -> tuple[dict, set[int]]:
+                 exclude: set[int] | None, keep_hashes: bool, pool: Executor | None = None,
+                 tick: Callable[[int, str], None] | None = None) -> tuple[dict, set[int]]:
+    """One split's JSONL and images; `tick(samples, split)` after each chunk is written."""
     rng = split_rng(seed, split)
     order = [tasks[i % len(tasks)] for i in range(n)]
     rng.shuffle(order)
@@ -183,6 +186,8 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int, tasks: list[str],
             counts += c
             n_files += files
             rejected += redrawn
+            if tick is not None:
+                tick(len(lines), split)
     os.replace(tmp, jsonl)
     summary = {"split": split, "jsonl": str(jsonl), "n": n, "tasks": {t: counts[t] for t in tasks if counts[t]},
                "images": n_files, "redrawn": rejected}
@@ -205,14 +210,33 @@ def generate(out_dir, n: int, seed: int = 0, split: str = "train", tasks: list[s
     return summary
 
 
+def _ticker(total: int) -> Callable[[int, str], None]:
+    """A `tick(samples, split)` that counts samples written towards `total` on a progress line (on a terminal at
+    every chunk, else at about every tenth of the total and at the end)."""
+    from ...train.progress import Progress
+
+    bar = Progress(total, "synth", every=1)
+    done = shown = 0
+
+    def tick(n: int, split: str) -> None:
+        nonlocal done, shown
+        done += n
+        if bar.tty or done - shown >= total / 10 or done == total:
+            bar.update(done, split=split)
+            shown = done
+
+    return tick
+
+
 def generate_splits(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 0,
                     tasks: list[str] | None = None, image_size: int = 64, *, world: World | None = None,
                     extra_train: dict[str, tuple[int, list[str], World]] | None = None,
-                    workers: int | None = None) -> dict:
+                    workers: int | None = None, progress: bool = False) -> dict:
     """Write train / val / test with disjoint content (see the module docstring) and out_dir/synth.json.
     `extra_train` adds training splits {name: (n, tasks, world)} written right after train (e.g. a curriculum
     of an easier world); val and test are disjoint from them too. `workers` processes draw the chunks of each
-    split (None: one per CPU; the same bytes whatever the number).
+    split (None: one per CPU; the same bytes whatever the number). `progress`: a progress line on stderr (samples
+    written of all splits', redrawn in place on a terminal, about every tenth of them otherwise).
     Returns {"train": summary, "val": summary, "test": summary, **extra}."""
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -233,10 +257,12 @@ def generate_splits(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 
             ("val", n_val, tasks, world), ("test", n_test, tasks, world)]
     seen: set[int] = set()
     result = {}
+    tick = _ticker(sum(p[1] for p in plan)) if progress else None
     with _pool(workers, max(p[1] for p in plan)) as pool:
         for split, n, split_tasks, split_world in plan:
             summary, hashes = _write_split(out, split, n, seed, split_tasks, split_world,
-                                           exclude=seen if seen else None, keep_hashes=split != "test", pool=pool)
+                                           exclude=seen if seen else None, keep_hashes=split != "test", pool=pool,
+                                           tick=tick)
             seen |= hashes
             result[split] = summary
     manifest = {"generator": "sailvl.data.synth", "seed": seed, "tasks": tasks, "world": world.to_dict(),
