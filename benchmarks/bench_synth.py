@@ -34,11 +34,13 @@ def main() -> None:
 
     from sailvl.data.synth import generate_splits
 
-    tiny = importlib.import_module("sailvl.recipes.tiny")
+    tiny = importlib.import_module("sailvl.recipes.tiny")  # the module (the package exports its function `tiny`)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fraction", type=float, default=1.0, help="of the demo's 48,000 training samples")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    if args.workers < 2:
+        raise SystemExit("--workers must be >= 2 (one process is the reference)")
     n_train, n_eval = int(48_000 * args.fraction), max(1, int(950 * args.fraction))
     extra = {k: (int(n_train * f), tasks, w) for k, (f, tasks, w) in tiny.EXTRA.items()}
     n_all = n_train + 2 * n_eval + sum(v[0] for v in extra.values())

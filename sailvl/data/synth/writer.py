@@ -46,7 +46,8 @@ from .registry import check_tasks, draw
 from .world import World, resolve_world
 
 MAX_REDRAWS = 1000
-# samples per chunk of a split: the unit one worker draws (a split of up to CHUNK samples is drawn as before chunks)
+# samples per chunk of a split, the unit one worker draws (a split of at most CHUNK samples is one chunk, drawn from
+# the split's RNG alone)
 CHUNK = 2000
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
