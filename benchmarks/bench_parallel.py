@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table  # noqa: E402
 
-STAGES = ("vit_dense", "vit_read", "llm_warmup", "vit_warmup", "vit_finegrained", "vit_world", "pretrain_basic",
+STAGES = ("vit_dense", "vit_read", "vit_warmup", "vit_finegrained", "vit_world", "pretrain_basic",
           "pretrain_multitask", "sft", "longcot_sft", "think_fusion_sft")
 TIMED = {"vit_dense": "images", "pretrain_multitask": "tokens"}
 

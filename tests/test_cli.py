@@ -27,7 +27,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert "overall accuracy" in out and "chat, image 2 (thinking)" in out
     report = json.loads((tmp_path / "demo-quick" / "demo_report.json").read_text())
     assert len(report["tasks"]) == len(TASKS) and 0.0 <= report["accuracy"] <= 1.0
-    assert set(report["stage_times_s"]) == {"vit_dense", "vit_read", "llm_warmup", "vit_warmup", "vit_finegrained",
+    assert set(report["stage_times_s"]) == {"vit_dense", "vit_read", "vit_warmup", "vit_finegrained",
                                             "vit_world", "pretrain_basic", "pretrain_multitask", "sft", "longcot_sft",
                                             "think_fusion_sft"}
     pipe = sailvl.load(report["final_model"])  # an ordinary SAIL-VL2 model directory

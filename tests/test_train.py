@@ -175,24 +175,16 @@ def test_tiny_thinking_stages_bring_no_new_data():
     assert "math_cot" in earlier
 
 
-def test_tiny_llm_warmup_trains_the_llm_blocks_on_plain_text(tmp_path):
-    """llm_warmup trains the LLM's blocks (not its tied embeddings, not the ViT or adapter) on text_induction's
-    plain-text split, before any stage that shows the LLM an image; the data it names is what prepare_tiny writes."""
-    from sailvl.recipes.tiny import EXTRA, group_path, tiny
-    from sailvl.train.optim import apply_trainable
+def test_tiny_stages_read_only_what_prepare_tiny_writes_and_use_all_of_it(tmp_path):
+    """Every data group a tiny stage names is a file prepare_tiny writes (a view of train or an extra split), and
+    every extra split is read by some stage (a split no stage reads is generation time spent for nothing)."""
+    from sailvl.recipes.tiny import EXTRA, GROUPS, group_path, tiny
 
     run = tiny(data_dir=str(tmp_path))
-    names = [s.name for s in run.stages]
-    stage = run.stages[names.index("llm_warmup")]
-    assert names.index("llm_warmup") < names.index("vit_warmup")
-    assert [d.path for d in stage.data] == [group_path(str(tmp_path), "induction")]
-    assert EXTRA["induction"][1] == ["text_induction"]
-    model = SailVL(run.model)
-    apply_trainable(model, stage)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all(n.startswith("language_model.model.") for n in trained)
-    assert "language_model.model.embed_tokens.weight" not in trained
-    assert {n for n, _ in model.language_model.model.layers.named_parameters(prefix="language_model.model.layers")} <= trained
-    # and its text stays in the later stages that train the LLM on the multi-task mixture, so the lookups are kept
-    later = [s for s in run.stages[names.index("vit_finegrained"):] if s.name != "longcot_sft"]
-    assert all("induction" in {d.name for d in s.data} for s in later if "llm" in s.trainable), [s.name for s in later]
+    used = {d.name for s in run.stages for d in s.data}
+    assert used <= set(GROUPS) | set(EXTRA), used - set(GROUPS) - set(EXTRA)
+    assert set(EXTRA) <= used, set(EXTRA) - used
+    for s in run.stages:
+        assert all(d.path == group_path(str(tmp_path), d.name) and d.weight > 0 for d in s.data), s.name
+    # the SAIL-ViT stages draw their images in memory; every other stage reads JSONL
+    assert [s.name for s in run.stages if not s.data] == ["vit_dense", "vit_read"]

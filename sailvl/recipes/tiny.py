@@ -35,13 +35,9 @@ VOCAB = 1024
 # bump when prepare_tiny's output changes, so old data is redone (2: the tokenizer splits capitals; 3: no
 # answer-format suffix, drills; 4: typeset text; 5: short math_cot traces; 6: the motion group; 7: text_lists; 8: test
 # leaves out text_lists' questions; 9: the induction split; 10: its lookups laid out as the chart trace reads; 11:
-# splits drawn in chunks of their own RNG, by a process per CPU)
+# splits drawn in chunks of their own RNG, by a process per CPU; the induction split since dropped, which leaves every
+# other file as it was)
 DATA_VERSION = 11
-# llm_warmup's steps of two 512-token rows: text_induction's lookups from the recipe's initial weights 0.35 after 500,
-# 1.00 after 1,200 (one row a step: 0.97; lr 3e-3: stuck at 0.65 after 700 and 900); in the chart trace's layout 0.98-
-# 0.99 after 1,200 (lookups as "X:9,A:4,Q:6.Q=", in a session-script loop: 0.40 after 700, 0.99 after 900). An
-# induction circuit forms suddenly after a plateau; cut short, the stage buys nothing, so it keeps that margin
-LLM_WARMUP_STEPS = 1200
 
 
 def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
@@ -92,9 +88,7 @@ BASICS_TASKS = ["vqa_shape", "vqa_color", "caption", "ocr", "grounding"]
 EXTRA = {"basics": (0.25, BASICS_TASKS, BASICS_WORLD),
          "scene_drills": (0.2, ["scene_drill"], TINY_WORLD),
          "text_drills": (0.2, ["text_drill"], TINY_WORLD),
-         "text_lists": (0.2, ["text_lists"], TINY_WORLD),
-         # plain-text repeats and key:value lookups for llm_warmup (~15 tokens each; the stage cycles over them)
-         "induction": (0.5, ["text_induction"], TINY_WORLD)}
+         "text_lists": (0.2, ["text_lists"], TINY_WORLD)}
 
 
 def group_path(data_dir: str, group: str) -> str:
@@ -106,8 +100,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
          vit_lr_ratio: float = 0.1) -> RunConfig:
     """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy).
     At scale 1: two SAIL-ViT pretraining stages (600 steps of 64 dense-labelled images, 400 steps of 64 of the
-    world's text images with their transcripts), 1,200 steps of the LLM alone on plain text (llm_warmup: in-context
-    lookup), then 2,196 VLM steps of 1,024 tokens (Muon throughout), the ViT frozen after the SAIL-ViT stages.
+    world's text images with their transcripts), then 3,053 VLM steps of 1,024 tokens (Muon throughout), the ViT frozen
+    after the SAIL-ViT stages.
 
     Curriculum (CALIBRATION.md and the measurements at BASICS_WORLD): the SAIL-ViT stages see "basics" first
     (one object or one character per image: shape / colour questions, captions, OCR, boxes) with captions,
@@ -157,49 +151,38 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         Stage("vit_read", steps(400), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
               warmup_steps=10, schedule="cosine", optimizer="muon", vision={"world": TINY_WORLD.to_dict(), "kinds": {
                   "read_ocr": 2, "read_equation": 1, "read_chart": 1, "read_table": 1, "scene": 2}}),
-        # stands in for the pretrained Qwen3's in-context lookup: the LLM alone on plain text (no chat template)
-        # until it forms induction heads, which every question that names what to look up needs (a chart's label, a
-        # table's cell). Without it the LLM had not formed them in the VLM stages (chart at chance in every demo; the
-        # chat-format lookups of text_recall at chance after 1,800 steps of them alone); with it, 200 steps of those
-        # lookups give 0.99 (README, session 27)
-        # The token embeddings (tied to the head) stay as drawn: trained here they grew ~3x on the few symbols this
-        # text uses (the letters and digits answers are made of) and the VLM stages after it scored 0.592 against
-        # 0.664 from one tower (seed 0; chart 0.18 -> 0.28, grounding 0.30 -> 0.44, but vqa_yesno 0.84 -> 0.58,
-        # text_instruct 0.52 -> 0.28). Without them the lookups form as fast (1.00 after 1,200 steps)
-        # text_induction stays in the mixture of every later stage but the adapter-only ones and longcot_sft (weight
-        # 0.5-1, ~15 tokens a sample): without it its lookups fell 0.98 -> 0.27 by the end of vit_world and 0.15 at
-        # the end; kept, 1.00 at the end. From one tower (seed 0, with text_induction in the chart trace's layout):
-        # 0.679 -> 0.692, vqa_color 0.80 -> 0.98, vqa_compare 0.68 -> 0.90 (README, session 28)
-        Stage("llm_warmup", steps(LLM_WARMUP_STEPS), d(induction=1), lr={"llm": 1e-3},
-              trainable=["language_model.model.layers", "language_model.model.norm"], schedule="constant", **qa),
-        Stage("vit_warmup", steps(55), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
+        # No LLM warm-up on plain text before the VLM stages (sessions 27-29 had one, `llm_warmup`: 1,200 steps on
+        # text_induction, which then stayed in every later mixture): at equal reference time its 245 s are worth more
+        # as VLM steps. The VLM stages at 1.39x the steps they had beside it, from one tower (seed 0): 0.702 against
+        # 0.646 on one data draw, 0.692 against 0.692 on another (grounding 0.32 / 0.34 -> 0.50 / 0.56, chart 0.12 / 0.20
+        # -> 0.26 / 0.30), and in a demo the warm-up's 148-326 s came off the top (README, sessions 29-30)
+        Stage("vit_warmup", steps(76), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
               **common),
-        Stage("vit_finegrained", steps(384), d(basics=3, captions=1, scene_drills=1, induction=0.5), lr=lr(1e-3),
+        Stage("vit_finegrained", steps(534), d(basics=3, captions=1, scene_drills=1), lr=lr(1e-3),
               trainable=all_, schedule="constant", **qa),
-        Stage("vit_world", steps(366), d(captions=2, scene=1, scene_multi=0.5, scene_drills=2, text_drills=1.5,
+        Stage("vit_world", steps(509), d(captions=2, scene=1, scene_multi=0.5, scene_drills=2, text_drills=1.5,
                                          text_in_image=0.5, basics=1, math_direct=0.3, text=0.5, text_lists=1,
-                                         motion=0.3, induction=1),
+                                         motion=0.3),
               lr=lr(1e-3), trainable=all_, schedule="constant", **qa),
-        Stage("pretrain_basic", steps(55), d(captions=2, text_in_image=1), trainable=["adapter"],
+        Stage("pretrain_basic", steps(76), d(captions=2, text_in_image=1), trainable=["adapter"],
               lr={"adapter": 1e-3}, adalrs={"window": 10}, schedule="constant", **common),
         # math_direct at 0.5 (1.00 held out at 1 or 0.5), its share to video_motion (motion): 0.55 -> 0.57 from one tower.
         # math_cot here and in sft (0.2 / 0.3), so the thinking format is not new at longcot_sft: without them that
         # stage's loss started at ~8.6 (above a uniform guess's 6.9) and was still ~2 after its 86 steps; with them it
         # starts at ~0.15. From one tower (seeds 0 / 1): math_cot 0.66 / 0.48 -> 1.00 / 1.00, overall 0.639 / 0.559 ->
         # 0.659 / 0.629 (README, session 21)
-        Stage("pretrain_multitask", steps(640), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
+        Stage("pretrain_multitask", steps(890), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
                                                   text_drills=2, text_in_image=1, basics=0.5, math_direct=0.5, text=0.7,
-                                                  text_lists=1, motion=0.6, math_cot=0.2, induction=1),
+                                                  text_lists=1, motion=0.6, math_cot=0.2),
               lr=lr(1e-3), trainable=late, schedule="constant", **qa),
-        Stage("sft", steps(439), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
-                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6, math_cot=0.3,
-                                   induction=1),
+        Stage("sft", steps(610), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
+                                   text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6, math_cot=0.3),
               lr=lr(7e-4), trainable=late, schedule="wsd", decay_fraction=0.5, **qa),
-        Stage("longcot_sft", steps(86), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
+        Stage("longcot_sft", steps(120), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
         # Think-Fusion: mostly single questions, the evaluation's format
-        Stage("think_fusion_sft", steps(171), d(scene=3, scene_multi=0.5, scene_drills=0.5, text_drills=0.5,
+        Stage("think_fusion_sft", steps(238), d(scene=3, scene_multi=0.5, scene_drills=0.5, text_drills=0.5,
                                                  text_in_image=2, math_direct=1, math_cot=0.7, text=0.5, text_lists=1,
-                                                 captions=0.3, motion=0.3, induction=0.5),
+                                                 captions=0.3, motion=0.3),
               lr=lr(2e-4), trainable=late, **qa),
     ]
     return RunConfig(name=name, model=tiny_model(), tokenizer=f"{data_dir}/tokenizer", out_dir=out_dir,
@@ -213,10 +196,10 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
 # against 0.274 / 0.257 measured): both demos cut vit_dense, vit_read or llm_warmup for time the later stages then
 # did not need, grew the thinking stages to 2-3x their steps instead, and left ~80 s of the 15 minutes unused.
 TINY_REFERENCE = Reference(
-    step_s={"vit_dense": 0.269, "vit_read": 0.273, "llm_warmup": 0.204, "vit_warmup": 0.197, "vit_finegrained": 0.316,
-            "vit_world": 0.325, "pretrain_basic": 0.207, "pretrain_multitask": 0.269, "sft": 0.266,
-            "longcot_sft": 0.259, "think_fusion_sft": 0.280},
-    # the thinking stages (~90 s) whole: squeezed to 0.65 of their steps in a budgeted run, math_cot fell 0.82 -> 0.08
+    step_s={"vit_dense": 0.269, "vit_read": 0.273, "vit_warmup": 0.197, "vit_finegrained": 0.316, "vit_world": 0.325,
+            "pretrain_basic": 0.207, "pretrain_multitask": 0.269, "sft": 0.266, "longcot_sft": 0.259,
+            "think_fusion_sft": 0.280},
+    # the thinking stages (~125 s) whole: squeezed to 0.65 of their steps in a budgeted run, math_cot fell 0.82 -> 0.08
     # and 0.2 of their time (~20 s) held back from the stages before them: in session 23's demo sft ran ~29 s over its
     # prediction (mostly the old reference's error, corrected above; the reserve covers what is left of such swings)
     # what follows training (loading the model, evaluation, the two chats) took 8 / 8 / 11 s in session 29's demos (the
@@ -225,7 +208,7 @@ TINY_REFERENCE = Reference(
     # vit_read whole too: the default demos' math_direct followed its steps (219 / 400: 0.30, 238: 0.22, 307: 0.58,
     # 369: 0.96, 400: 1.00; ocr 0.42, 0.32, 0.40, 0.62, 0.60), the tower reading the equations it teaches; in slow
     # hours the VLM stages take the cut instead (README, session 28)
-    fixed=("vit_read", "llm_warmup"),
+    fixed=("vit_read",),
     # in a fast hour the VLM stages share the time to spare, up to twice their steps: at twice their steps held-out
     # accuracy rose 0.54 -> 0.65 while twice the SAIL-ViT stages gave 0.55 (same data and seed, README session 17)
     grow=("vit_finegrained", "vit_world", "pretrain_basic", "pretrain_multitask", "sft", "longcot_sft",

@@ -116,7 +116,8 @@ class Reference:
     # 0.98 -> 0.64)
     keep_reserve: float = 0.0
     # stages that always run their recipe's steps, neither cut nor grown, the others planned around them: a stage
-    # whose worth comes all at once at its end (the tiny recipe's llm_warmup, a circuit that forms after a plateau)
+    # whose worth comes all at once at its end, or that later stages follow closely (the tiny recipe's vit_read: the
+    # demos' math and OCR followed its steps)
     fixed: tuple[str, ...] = ()
 
 
