@@ -21,12 +21,12 @@ tower, the VLM stages per seed, mixture edits; 2-core CPU, ~9.5 min per seed, th
 keys as `sailvl train` overrides take them): the tower's ViT is kept and the adapter and LLM are initialised anew
 (`common.fresh_on_tower`: seed 0, as the tower run's are; with no shape change they are the same weights).
 `--tower-scale` and `--scale` multiply the SAIL-ViT and the VLM stages' steps (e.g. a smaller tower and the time
-it frees given to the VLM stages).
+it frees given to the VLM stages); `--rows` sets the VLM stages' rows per step.
 
 Run: .venv/bin/python benchmarks/recipe_seeds.py [--data runs/seeds/data] [--out runs/seeds] [--seeds 0,1]
      [--set sft.math_cot=0.3 ...] [--model visual_position_code=0.3 ...] [--steps vit_read=500 ...]
      [--vision vit_dense.bind=1 ...]
-     [--tower-scale 0.5] [--scale 1.18]
+     [--tower-scale 0.5] [--scale 1.18] [--rows 1] [--vit-lr-ratio 0]
      [--name NAME] [--tower MODEL_DIR] [--quick]
 """
 
@@ -133,6 +133,10 @@ def main() -> None:
                     help="a SAIL-ViT stage's vision option (e.g. vit_dense.bind=1): a tower of its own")
     ap.add_argument("--tower-scale", type=float, default=1.0, help="multiplies the SAIL-ViT stages' steps")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the VLM stages' steps")
+    ap.add_argument("--vit-lr-ratio", type=float, default=0.1, help="the ViT's share of the lr in vit_finegrained "
+                    "and vit_world (0: frozen there too; the recipe: 0.1)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of 512 tokens per step in every VLM stage "
+                    "(the recipe: 2)")
     ap.add_argument("--quick", action="store_true", help="tiny data and 1%% of the steps (a smoke run)")
     args = ap.parse_args()
 
@@ -166,10 +170,14 @@ def main() -> None:
         tower = retower(tower, args.model_edits, out)
     per_seed = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run = tiny(data_dir=str(data), out_dir=str(out), name=f"{name}_s{seed}", scale=quick * args.scale)
+        run = tiny(data_dir=str(data), out_dir=str(out), name=f"{name}_s{seed}", scale=quick * args.scale,
+                   vit_lr_ratio=args.vit_lr_ratio)
         run.seed, run.init, run.stages = seed, tower, run.stages[TOWER_STAGES:]
         edit_mixture(run, str(data), args.edits)
         set_steps(run, [e for e in args.step_edits if e not in tower_edits], quick)
+        if args.rows is not None:
+            for stage in run.stages:
+                stage.rows_per_step = args.rows
         t0 = time.perf_counter()
         final = Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit()
         train_s = time.perf_counter() - t0
@@ -180,7 +188,8 @@ def main() -> None:
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}
         print(f"[seeds] {name} seed {seed}: {report['accuracy']:.3f} ({train_s:.0f} s)", flush=True)
     record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits, "vision": args.vision_edits,
-              "tower_scale": args.tower_scale, "scale": args.scale, "tower": tower, "seeds": per_seed}
+              "tower_scale": args.tower_scale, "scale": args.scale, "rows": args.rows, "vit_lr_ratio": args.vit_lr_ratio, "tower": tower,
+              "seeds": per_seed}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     seeds = sorted(per_seed)
     tasks = sorted(per_seed[seeds[0]]["tasks"])
