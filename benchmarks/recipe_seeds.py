@@ -21,7 +21,8 @@ tower, the VLM stages per seed, mixture edits; 2-core CPU, ~9.5 min per seed, th
 keys as `sailvl train` overrides take them): the tower's ViT is kept and the adapter and LLM are initialised anew
 (`common.fresh_on_tower`: seed 0, as the tower run's are; with no shape change they are the same weights).
 `--tower-scale` and `--scale` multiply the SAIL-ViT and the VLM stages' steps (e.g. a smaller tower and the time
-it frees given to the VLM stages); `--rows` sets the VLM stages' rows per step.
+it frees given to the VLM stages); `--rows` sets the VLM stages' rows per step, `--vit-lr-ratio` the ViT's share of
+the lr in vit_finegrained and vit_world (`recipes.tiny.tiny`'s argument).
 
 Run: .venv/bin/python benchmarks/recipe_seeds.py [--data runs/seeds/data] [--out runs/seeds] [--seeds 0,1]
      [--set sft.math_cot=0.3 ...] [--model visual_position_code=0.3 ...] [--steps vit_read=500 ...]
@@ -188,8 +189,8 @@ def main() -> None:
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}
         print(f"[seeds] {name} seed {seed}: {report['accuracy']:.3f} ({train_s:.0f} s)", flush=True)
     record = {"edits": args.edits, "model": args.model_edits, "steps": args.step_edits, "vision": args.vision_edits,
-              "tower_scale": args.tower_scale, "scale": args.scale, "rows": args.rows, "vit_lr_ratio": args.vit_lr_ratio, "tower": tower,
-              "seeds": per_seed}
+              "tower_scale": args.tower_scale, "scale": args.scale, "rows": args.rows,
+              "vit_lr_ratio": args.vit_lr_ratio, "tower": tower, "seeds": per_seed}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     seeds = sorted(per_seed)
     tasks = sorted(per_seed[seeds[0]]["tasks"])

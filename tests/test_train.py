@@ -188,3 +188,24 @@ def test_tiny_stages_read_only_what_prepare_tiny_writes_and_use_all_of_it(tmp_pa
         assert all(d.path == group_path(str(tmp_path), d.name) and d.weight > 0 for d in s.data), s.name
     # the SAIL-ViT stages draw their images in memory; every other stage reads JSONL
     assert [s.name for s in run.stages if not s.data] == ["vit_dense", "vit_read"]
+
+
+def test_trainable_names_finer_modules_than_vit_adapter_llm():
+    """A stage's trainable list may name any module by its parameter-name prefix (here the LLM's blocks and final
+    norm, the tied embeddings / head left out), not only the vit / adapter / llm groups; a name that is neither, or a
+    prefix no parameter has, is an error."""
+    from sailvl.train.optim import apply_trainable
+
+    model = SailVL(tiny_config())
+    data = [DataSpec("unused.jsonl")]
+    stage = Stage("blocks", 1, data, trainable=["language_model.model.layers", "language_model.model.norm"])
+    n_train, n_total = apply_trainable(model, stage)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 0 < n_train < n_total and n_train == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained == {n for n, _ in model.named_parameters()
+                       if n.startswith(("language_model.model.layers.", "language_model.model.norm."))}
+    assert "language_model.model.embed_tokens.weight" not in trained
+    with pytest.raises(ValueError, match="not one of"):
+        Stage("typo", 1, data, trainable=["langauge_model"])
+    with pytest.raises(ValueError, match="trains nothing"):
+        apply_trainable(model, Stage("none", 1, data, trainable=["language_model.model.layers.99."]))

@@ -100,8 +100,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
          vit_lr_ratio: float = 0.1) -> RunConfig:
     """`scale` multiplies every stage's step count (the demo and tests use it to trade time for accuracy).
     At scale 1: two SAIL-ViT pretraining stages (600 steps of 64 dense-labelled images, 400 steps of 64 of the
-    world's text images with their transcripts), then 3,053 VLM steps of 1,024 tokens (Muon throughout), the ViT frozen
-    after the SAIL-ViT stages.
+    world's text images with their transcripts), then 3,053 VLM steps of 1,024 tokens (Muon throughout), the ViT at
+    `vit_lr_ratio` of the lr in vit_finegrained and vit_world and frozen after them.
 
     Curriculum (CALIBRATION.md and the measurements at BASICS_WORLD): the SAIL-ViT stages see "basics" first
     (one object or one character per image: shape / colour questions, captions, OCR, boxes) with captions,

@@ -317,8 +317,8 @@ def text_induction(rng: random.Random, world: World):
     (`benchmarks/induction.py`). In the sailvl trainer the tiny recipe's LLM learnt these lookups (0.99 after 1,200
     steps from the recipe's init: sessions 27-29's llm_warmup stage); from there, chart questions trained alone
     through the reading trace found a named label's value 0.95 (0.34 from an LLM warmed up on "X:9,A:4,Q:6.Q="
-    lookups, the layout this had before; README, session 28). The loss is on the completion: on every token, the toy had not formed the heads by 1,000 steps
-    (README, session 27)."""
+    lookups, the layout this had before; README, session 28). The loss is on the completion: on every token, the toy
+    had not formed the heads by 1,000 steps (README, session 27)."""
     if rng.random() < 0.5:
         run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(4, 12)))
         return {"task": "text_induction", "answer": run, "prompt": f"{run}.", "completion": run,
