@@ -199,8 +199,8 @@ TINY_REFERENCE = Reference(
     step_s={"vit_dense": 0.269, "vit_read": 0.273, "vit_warmup": 0.197, "vit_finegrained": 0.316, "vit_world": 0.325,
             "pretrain_basic": 0.207, "pretrain_multitask": 0.269, "sft": 0.266, "longcot_sft": 0.259,
             "think_fusion_sft": 0.280},
-    # the thinking stages (~125 s) whole: squeezed to 0.65 of their steps in a budgeted run, math_cot fell 0.82 -> 0.08
-    # and 0.2 of their time (~20 s) held back from the stages before them: in session 23's demo sft ran ~29 s over its
+    # the thinking stages (~100 s: 98 s at the reference, 95 s in session 30's first demo) whole: squeezed to 0.65 of
+    # their steps in a budgeted run, math_cot fell 0.82 -> 0.08, and 0.2 of their time (~20 s) held back from the stages before them: in session 23's demo sft ran ~29 s over its
     # prediction (mostly the old reference's error, corrected above; the reserve covers what is left of such swings)
     # what follows training (loading the model, evaluation, the two chats) took 8 / 8 / 11 s in session 29's demos (the
     # last in a 2x slow hour): 15 s leaves room for that, where 25 s left ~15 s of each demo unused
