@@ -69,7 +69,8 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
 # Questions end at "?" (no SAIL-VL2 answer-format suffix): 11 of a short question's ~45 tokens, which buy the
 # tiny model nothing since every synthetic question has a one-word answer.
 # Text is typeset at fixed sizes on a 4 px grid (World.text_grid): a patch-8 ViT learnt from scratch names single
-# characters 0.98 after 300 steps that way, 0.37 with text at any size and pixel position (benchmarks/typeset_glyphs.py).
+# characters 0.98 after 300 steps that way, 0.37 with text at any size and pixel position
+# (benchmarks/typeset_glyphs.py).
 TYPESET = dict(text_grid=4, ocr_font=(26, 26), equation_font=(18, 18))
 # math_cot's think trace is two lines ("The image shows a + b." / "So a + b = c."): the count-up trace was copied
 # wrongly (math_cot 0.22 held-out) while the short one reaches 0.76 in the same demo (README, session 11).
@@ -124,7 +125,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
     # Muon (sailvl.train.muon) in every stage: each step costs ~90 ms more (Newton-Schulz on the hidden matrices, about
     # 0.6x a VLM step), so the VLM stages take 0.75x the steps they had with AdamW and vit_dense 600 instead of
     # 1,000 (its character accuracy at 600 with Muon = AdamW's at 1,000: benchmarks/muon.py --dense). Whole demo,
-    # same seed and day: 0.45 -> 0.52 held out in 13.6 -> about 13 min (slow machine; seed 1: 0.51); Muon in vit_dense alone: 0.41
+    # same seed and day: 0.45 -> 0.52 held out in 13.6 -> about 13 min (slow machine; seed 1: 0.51); Muon in vit_dense
+    # alone: 0.41
     common = dict(max_len=512, rows_per_step=2, grad_accum=1, warmup_steps=10, loss_weighting="token",
                   optimizer="muon")
     # question answering: a sample weighs sqrt(its answer tokens), so one-word answers are not drowned by
@@ -154,8 +156,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         # No LLM warm-up on plain text before the VLM stages (sessions 27-29 had one, `llm_warmup`: 1,200 steps on
         # text_induction, which then stayed in every later mixture): at equal reference time its 245 s are worth more
         # as VLM steps. The VLM stages at 1.39x the steps they had beside it, from one tower (seed 0): 0.702 against
-        # 0.646 on one data draw, 0.692 against 0.692 on another (grounding 0.32 / 0.34 -> 0.50 / 0.56, chart 0.12 / 0.20
-        # -> 0.26 / 0.30), and in a demo the warm-up's 148-326 s came off the top (README, sessions 29-30)
+        # 0.646 on one data draw, 0.692 against 0.692 on another (grounding 0.32 / 0.34 -> 0.50 / 0.56, chart
+        # 0.12 / 0.20 -> 0.26 / 0.30), and in a demo the warm-up's 148-326 s came off the top (README, sessions 29-30)
         Stage("vit_warmup", steps(76), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
               **common),
         Stage("vit_finegrained", steps(534), d(basics=3, captions=1, scene_drills=1), lr=lr(1e-3),
@@ -166,7 +168,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
               lr=lr(1e-3), trainable=all_, schedule="constant", **qa),
         Stage("pretrain_basic", steps(76), d(captions=2, text_in_image=1), trainable=["adapter"],
               lr={"adapter": 1e-3}, adalrs={"window": 10}, schedule="constant", **common),
-        # math_direct at 0.5 (1.00 held out at 1 or 0.5), its share to video_motion (motion): 0.55 -> 0.57 from one tower.
+        # math_direct at 0.5 (1.00 held out at 1 or 0.5), its share to video_motion (motion): 0.55 -> 0.57 from one
+        # tower.
         # math_cot here and in sft (0.2 / 0.3), so the thinking format is not new at longcot_sft: without them that
         # stage's loss started at ~8.6 (above a uniform guess's 6.9) and was still ~2 after its 86 steps; with them it
         # starts at ~0.15. From one tower (seeds 0 / 1): math_cot 0.66 / 0.48 -> 1.00 / 1.00, overall 0.639 / 0.559 ->
@@ -178,7 +181,8 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         Stage("sft", steps(610), d(captions=0.5, scene=2, scene_multi=0.5, scene_drills=1.5, text_drills=1.5,
                                    text_in_image=1, math_direct=0.5, text=0.7, text_lists=1, motion=0.6, math_cot=0.3),
               lr=lr(7e-4), trainable=late, schedule="wsd", decay_fraction=0.5, **qa),
-        Stage("longcot_sft", steps(120), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late, **common),
+        Stage("longcot_sft", steps(120), d(math_cot=1, math_direct=0.3, scene=0.5), lr=lr(3e-4), trainable=late,
+              **common),
         # Think-Fusion: mostly single questions, the evaluation's format
         Stage("think_fusion_sft", steps(238), d(scene=3, scene_multi=0.5, scene_drills=0.5, text_drills=0.5,
                                                  text_in_image=2, math_direct=1, math_cot=0.7, text=0.5, text_lists=1,
@@ -200,8 +204,9 @@ TINY_REFERENCE = Reference(
             "pretrain_basic": 0.207, "pretrain_multitask": 0.269, "sft": 0.266, "longcot_sft": 0.259,
             "think_fusion_sft": 0.280},
     # the thinking stages (~100 s: 98 s at the reference, 95 s in session 30's first demo) whole: squeezed to 0.65 of
-    # their steps in a budgeted run, math_cot fell 0.82 -> 0.08, and 0.2 of their time (~20 s) held back from the stages before them: in session 23's demo sft ran ~29 s over its
-    # prediction (mostly the old reference's error, corrected above; the reserve covers what is left of such swings)
+    # their steps in a budgeted run, math_cot fell 0.82 -> 0.08, and 0.2 of their time (~20 s) held back from the
+    # stages before them: in session 23's demo sft ran ~29 s over its prediction (mostly the old reference's error,
+    # corrected above; the reserve covers what is left of such swings)
     # what follows training (loading the model, evaluation, the two chats) took 8 / 8 / 11 s in session 29's demos (the
     # last in a 2x slow hour): 15 s leaves room for that, where 25 s left ~15 s of each demo unused
     probe_s=0.22, other_s=15.0, keep=("longcot_sft", "think_fusion_sft"), keep_reserve=0.2,
