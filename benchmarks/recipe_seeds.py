@@ -183,7 +183,8 @@ def main() -> None:
         final = Trainer(run, resume=(Path(run.run_dir) / "run.json").exists()).fit()
         train_s = time.perf_counter() - t0
         pipe = load(final, device="cpu")
-        report = evaluate(pipe.model, pipe.processor, data / "test.jsonl")
+        report = evaluate(pipe.model, pipe.processor, data / "test.jsonl",
+                          out_jsonl=Path(run.run_dir) / "eval_test.jsonl")
         per_seed[seed] = {"accuracy": report["accuracy"], "train_s": train_s,
                           "tasks": {k: v["score"] for k, v in report["tasks"].items()},
                           "chance": {k: v["chance"] for k, v in report["tasks"].items()}}

@@ -421,6 +421,54 @@ def test_chart_letters():
             World(chart_letters=bad)
 
 
+def test_spatial_max_objects():
+    """World.spatial_max_objects bounds the scenes spatial-relation questions are asked about (vqa_spatial, vqa_yesno's
+    relation questions, the drills' and scene_qa's) and no other question's; None means max_objects; out-of-range
+    values are refused."""
+    def sizes(task, world, n=60, keep=lambda r: True):
+        return {len(r["meta"]["scene"]) for r, _ in _draws(task, n, world=world) if keep(r)}
+
+    def relational(r):  # a drill / scene_qa record with a spatial-relation question
+        return any(" left of" in q or " right of" in q or " above" in q or " below" in q
+                   for q in r["meta"]["questions"])
+
+    two = World(spatial_max_objects=2)
+    assert sizes("vqa_spatial", two) == {2} and sizes("vqa_spatial", World()) == {2, 3}
+    relation = lambda r: r["meta"]["kind"] == "relation"  # noqa: E731
+    assert sizes("vqa_yesno", two, 150, relation) == {2} and sizes("vqa_yesno", World(), 150, relation) == {2, 3}
+    for task in ("scene_drill", "scene_qa"):
+        assert sizes(task, two, 150, relational) == {2} and sizes(task, World(), 150, relational) == {2, 3}
+        assert sizes(task, two, 150) == {1, 2, 3}
+    assert sizes("vqa_compare", two) == {2, 3} and sizes("vqa_color", two) == {1, 2, 3}
+    for record, _ in _draws("vqa_spatial", 20, world=two):  # still the relation of the first named to the second
+        m = record["meta"]
+        a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
+        dx, dy = a.x - b.x, a.y - b.y
+        assert record["answer"] == (("left" if dx < 0 else "right") if abs(dx) > abs(dy)
+                                    else ("above" if dy < 0 else "below"))
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match="spatial_max_objects"):
+            World(spatial_max_objects=bad)
+
+
+def test_spatial_subject():
+    """World.spatial_subject names the asked-about object first or last; the answer is its place relative to the
+    other one either way."""
+    for subject, pattern in (("first", r"<image>\nIs the (?P<a>.+) left of, right of, above or below the (?P<b>.+)\?"),
+                             ("last", r"<image>\nRelative to the (?P<b>.+), is the (?P<a>.+) left, right, above or "
+                                      r"below\?")):
+        for record, _ in _draws("vqa_spatial", 30, world=World(spatial_subject=subject, answer_suffix=False)):
+            m, q = record["meta"], re.fullmatch(pattern, record["conversations"][0]["value"])
+            a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
+            for phrase, o in ((q["a"], a), (q["b"], b)):  # each phrase names its object ("green object": colour only)
+                assert all(w in (o.size, o.colour, o.shape, "object") for w in phrase.split()), (phrase, o)
+            dx, dy = a.x - b.x, a.y - b.y
+            assert record["answer"] == (("left" if dx < 0 else "right") if abs(dx) > abs(dy)
+                                        else ("above" if dy < 0 else "below"))
+    with pytest.raises(ValueError, match="spatial_subject"):
+        World(spatial_subject="middle")
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         generate(tmp_path, 5, tasks=["vqa_colour_typo"])

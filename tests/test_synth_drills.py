@@ -39,6 +39,8 @@ def _scene_reply(text: str, scene) -> tuple[str, str | None]:
         return "count", str(sum(o.shape in (m.group(1)[:-1], m.group(1)[:-2]) for o in scene))
     if m := re.fullmatch(r"Is the (.+) left of, right of, above or below the (.+)\?", text):
         return "spatial", _rel(_the(scene, m.group(1)), _the(scene, m.group(2)))
+    if m := re.fullmatch(r"Relative to the (.+), is the (.+) left, right, above or below\?", text):
+        return "spatial", _rel(_the(scene, m.group(2)), _the(scene, m.group(1)))
     if m := re.fullmatch(r"Which is (bigger|smaller), the (.+) or the (.+)\?", text):
         a, b = _the(scene, m.group(2)), _the(scene, m.group(3))
         return "compare", m.group(2) if (a.r > b.r) == (m.group(1) == "bigger") else m.group(3)
@@ -52,8 +54,9 @@ def _scene_reply(text: str, scene) -> tuple[str, str | None]:
     return "where", None
 
 
-def test_scene_drill_answers_recompute_from_the_scene():
-    world = World(answer_suffix=False)
+@pytest.mark.parametrize("subject", ["first", "last"])
+def test_scene_drill_answers_recompute_from_the_scene(subject):
+    world = World(answer_suffix=False, spatial_subject=subject)
     kinds = set()
     for record, images in _draws("scene_drill", 60, seed=3, world=world):
         conv, scene = record["conversations"], _objs(record["meta"]["scene"])

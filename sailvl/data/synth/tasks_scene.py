@@ -31,6 +31,14 @@ CAPTION_PROMPTS = ("Describe the image in detail.", "Describe every object in th
 REL_PHRASE = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 
 
+def spatial_question(world: World, ri: str, rj: str) -> str:
+    """Where the object called ri is relative to the one called rj, asked with ri named first (World.spatial_subject
+    "first") or last ("last", next to the answer)."""
+    if world.spatial_subject == "last":
+        return f"Relative to the {rj}, is the {ri} left, right, above or below?"
+    return f"Is the {ri} left of, right of, above or below the {rj}?"
+
+
 def _attempts(task: str, n: int = 2000):
     """range(n) for redraw loops, then a ValueError: a world whose settings make the question impossible
     (e.g. size classes too close for vqa_compare) fails loudly instead of looping forever."""
@@ -38,8 +46,9 @@ def _attempts(task: str, n: int = 2000):
     raise ValueError(f"{task}: no valid sample in {n} draws; this world's settings make the question impossible")
 
 
-def _scene(rng: random.Random, world: World, lo: int = 1) -> list[Obj]:
-    return random_scene(rng, world, rng.randint(min(lo, world.max_objects), world.max_objects))
+def _scene(rng: random.Random, world: World, lo: int = 1, hi: int | None = None) -> list[Obj]:
+    hi = world.max_objects if hi is None else hi
+    return random_scene(rng, world, rng.randint(min(lo, hi), hi))
 
 
 def _meta(scene: list[Obj], **kw) -> dict:
@@ -114,10 +123,11 @@ def _need_two(world: World, task: str) -> None:
 
 
 def _pair_with_relation(rng: random.Random, world: World):
-    """A scene with >= 2 objects and a pair (i, j) whose relation is clear, with unique phrases."""
+    """A scene with 2..World.spatial_max_objects objects and a pair (i, j) whose relation is clear, with unique
+    phrases."""
     _need_two(world, "vqa_spatial")
     for _ in _attempts("vqa_spatial"):
-        scene = _scene(rng, world, lo=2)
+        scene = _scene(rng, world, lo=2, hi=world.spatial_max_objects)
         i, j = rng.sample(range(len(scene)), 2)
         rel = relation(scene[i], scene[j], world.image_size)
         ri, rj = refer(scene, i), refer(scene, j)
@@ -126,8 +136,9 @@ def _pair_with_relation(rng: random.Random, world: World):
 
 
 def vqa_spatial(rng: random.Random, world: World):
+    """Where one named object is relative to another, in a scene of 2..World.spatial_max_objects objects."""
     scene, i, j, rel, ri, rj = _pair_with_relation(rng, world)
-    q = f"Is the {ri} left of, right of, above or below the {rj}?" + world.suffix
+    q = spatial_question(world, ri, rj) + world.suffix
     return make_record("vqa_spatial", q, rel, _meta(scene, a=i, b=j), n_images=1), [render(scene, world)]
 
 
@@ -334,8 +345,9 @@ def _ask_count(rng, world, scene):
 
 
 def _pair(rng, world, scene):
-    """Two objects with a clear relation and unique phrases: (relation, phrase of one, of the other), or None."""
-    if len(scene) < 2:
+    """Two objects with a clear relation and unique phrases: (relation, phrase of one, of the other), or None (also
+    for a scene of more than World.spatial_max_objects objects)."""
+    if not 2 <= len(scene) <= (world.spatial_max_objects or world.max_objects):
         return None
     i, j = rng.sample(range(len(scene)), 2)
     rel = relation(scene[i], scene[j], world.image_size)
@@ -345,7 +357,7 @@ def _pair(rng, world, scene):
 
 def _ask_spatial(rng, world, scene):
     pair = _pair(rng, world, scene)
-    return (f"Is the {pair[1]} left of, right of, above or below the {pair[2]}?", pair[0]) if pair else None
+    return (spatial_question(world, pair[1], pair[2]), pair[0]) if pair else None
 
 
 def _ask_exists(rng, world, scene):
