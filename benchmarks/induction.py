@@ -15,12 +15,12 @@ mixtures:
 Both models start from the same weights (PyTorch's module defaults, or `--init recipe`: the tiny recipe's N(0, 0.06))
 and see the same batches with the recipe's Muon (or `--optimizer adamw`), lr 1e-3; accuracy is on 1,000 held-out
 lookups. Measured on the 2-core CPU (600 steps, ~1.5 minutes a run), ours / transformers': lookups alone 0.33 / 0.33;
-with repeats 0.99 / 0.97; spaced 0.74 / 0.75; with the recipe's init the repeats do not teach them by 600 steps (README,
+with repeats 0.99 / 0.97; spaced 0.74/0.75; with the recipe's init the repeats do not teach them by 600 steps (demo log,
 session 26). The model can look up; what forms the circuit is the data and the initial weights.
 
 `--opening N` puts the same N tokens before every sample, as the chat template's `<|im_start|>user\n` opens every
 sample of the synthetic world: the circuit then forms later (with repeats, `--opening 3 --steps 1200`, ours /
-transformers': 0.37 / 0.36 at 600 steps, 0.47 / 1.00 at 800, 0.99 / 0.95 at 1,000, 1.00 / 1.00 at 1,200; README,
+transformers': 0.37 / 0.36 at 600 steps, 0.47 / 1.00 at 800, 0.99 / 0.95 at 1,000, 1.00 / 1.00 at 1,200; demo log,
 session 27).
 
 Run: .venv/bin/python benchmarks/induction.py [--steps 600] [--every 200] [--optimizer muon|adamw] [--init torch|recipe]

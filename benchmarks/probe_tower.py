@@ -5,7 +5,7 @@ tower's last-layer patch features computed once, and a linear classifier fitted 
 features. `flat`: one classifier over all patch features concatenated (can use where things are, but must learn
 every place separately); `mil`: one classifier on every patch, log-sum-exp over patches (the same wherever the
 thing is). The table gives train / held-out accuracy against the majority class. A tower that reads should give
->= 0.9 held out on single characters; the demo's (README) gives about 0.2.
+>= 0.9 held out on single characters; the demo's (docs/demo_log.md) gives about 0.2.
 
 Run: .venv/bin/python benchmarks/probe_tower.py runs/demo/01_vit_read/model [--iters 1000] [--lr 1e-2] [--only chart]
 """

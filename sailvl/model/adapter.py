@@ -40,7 +40,7 @@ def position_code(h: int, w: int, width: int, freqs: int = POSITION_FREQS) -> to
     and of the column at `freqs` frequencies each (k * pi / 2 per grid height / width, k = 1..freqs: fractions
     of the image, so grids of any size share one scale) in the first 4 * freqs channels, zeros after, scaled to
     unit RMS over `width`. On the tiny recipe's 4 x 4 token grid the top frequencies alias (alternate between
-    neighbours); a smooth code (phases up to pi) measured the same in the demo (README, session 16)."""
+    neighbours); a smooth code (phases up to pi) measured the same in the demo (demo log, session 16)."""
     n = 4 * freqs
     if width < n:
         raise ValueError(f"the visual position code needs an LLM width >= {n}, got {width}")

@@ -48,7 +48,7 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
     # LLM (and adapter) init std 0.06, about 1 / sqrt(width), instead of HF's 0.02: the LLM starts from random weights
     # here. Finding an object named in the question and saying where it is (1-3 objects, 800 steps, the demo's
     # tower): 0.59 -> 0.67 (benchmarks/llm_init.py); the whole demo 0.36 -> 0.46.
-    # Same-time shapes measured from one tower (README, session 20): 6 layers of width 192 0.626 / 0.586 / 0.545 over
+    # Same-time shapes measured from one tower (demo log, session 20): 6 layers of width 192 0.626 / 0.586 / 0.545 over
     # three seeds against this one's 0.587 / 0.587 / 0.597 (vqa_compare up, everything else noisier); 8 of 192 0.559
     llm = LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
@@ -59,7 +59,7 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
     # recipe (before vit_read kept scene labels, text_lists and math_cot) the whole recipe from one tower gave 0.556
     # against 0.568 without (one data order); on this one, from one tower over three data orders
     # (benchmarks/recipe_seeds.py), 0.664 / 0.656 / 0.658 against 0.659 / 0.629 / 0.634: grounding 0.30 / 0.38 /
-    # 0.52 against 0.26 / - / 0.14, video_motion 0.84 / 0.94 / 0.90 against 0.80 / - / 0.72 (README, session 22)
+    # 0.52 against 0.26 / - / 0.14, video_motion 0.84 / 0.94 / 0.90 against 0.80 / - / 0.72 (demo log, session 22)
     return SailVLConfig(vision_config=vision, llm_config=llm, select_layer=-1, max_dynamic_patch=1,
                         visual_position_code=0.3)
 
@@ -73,14 +73,14 @@ def tiny_model(vocab_size: int = VOCAB) -> SailVLConfig:
 # (benchmarks/typeset_glyphs.py).
 TYPESET = dict(text_grid=4, ocr_font=(26, 26), equation_font=(18, 18))
 # math_cot's think trace is two lines ("The image shows a + b." / "So a + b = c."): the count-up trace was copied
-# wrongly (math_cot 0.22 held-out) while the short one reaches 0.76 in the same demo (README, session 11).
+# wrongly (math_cot 0.22 held-out) while the short one reaches 0.76 in the same demo (demo log, session 11).
 # Charts have the fixed categories A, B, C left to right (World.chart_letters): with labels drawn from all 26 letters
 # the tiny LLM never found a named label's bar, and chart stayed at chance in every run of sessions 20-30 (0.12-0.20
 # against 0.12-0.16). Spatial-relation questions are asked about 2-object scenes only (World.spatial_max_objects):
 # among three objects vqa_spatial stayed at chance (0.30-0.40 against 0.28-0.32). From one tower (seed 0): 0.739
 # against 0.706 / 0.708 before, chart 0.62 (chance 0.22), vqa_spatial 0.46 (chance 0.30; 0.52 / 0.40 on another
-# draw with only vqa_spatial's own scenes bounded): the relation's axis is named 0.96 of the time, its side still at
-# random (README, session 31)
+# draw with only vqa_spatial's own scenes bounded): the relation's axis is named right 50 of 50 times, its side
+# still at random (demo log, session 31)
 TINY_WORLD = World(ocr_max_chars=2, table_max_value=9, answer_suffix=False, math_trace="short",
                    chart_letters="ABC", spatial_max_objects=2, **TYPESET)
 # The curriculum's "basics": one object or one character per image. Measured on this CPU (300 steps from
@@ -93,7 +93,7 @@ BASICS_TASKS = ["vqa_shape", "vqa_color", "caption", "ocr", "grounding"]
 # Drills ask 4-6 of the single-image tasks' questions about one image in one conversation.
 # text_lists: more of text_instruct's open-ended kinds (list operations, sequences, comparisons; the ones its test
 # split holds), short text-only samples in every stage that has `text`: from one tower (seeds 0 / 1 / 2) text_instruct
-# 0.30 -> 0.50 / 0.68 / 0.68, overall 0.574 / 0.585 (seeds 0 / 1) -> 0.587 / 0.587 / 0.597 (README, session 20)
+# 0.30 -> 0.50 / 0.68 / 0.68, overall 0.574 / 0.585 (seeds 0 / 1) -> 0.587 / 0.587 / 0.597 (demo log, session 20)
 EXTRA = {"basics": (0.25, BASICS_TASKS, BASICS_WORLD),
          "scene_drills": (0.2, ["scene_drill"], TINY_WORLD),
          "text_drills": (0.2, ["text_drill"], TINY_WORLD),
@@ -156,7 +156,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         # ... then reading: the world's own OCR / equation / chart / table images, each with its transcript
         # predicted from the mean of all patches (measured: OCR 0.02 -> 0.15 in the demo, 0.02 -> 0.19 in a probe),
         # with dense scene labels kept in the mix (2 of 7 images) so the tower does not forget which object each cell
-        # belongs to: the VLM stages from such a tower 0.533 -> 0.574 (count, shape, motion up; README session 18),
+        # belongs to: the VLM stages from such a tower 0.533 -> 0.574 (count, shape, motion up; demo log, session 18),
         # and a whole default demo with it 0.63 (session 19; the best default run before it 0.61)
         Stage("vit_read", steps(400), [], kind="vision", trainable=["vit"], lr={"vit": 1e-3}, rows_per_step=64,
               warmup_steps=10, schedule="cosine", optimizer="muon", vision={"world": TINY_WORLD.to_dict(), "kinds": {
@@ -165,7 +165,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         # text_induction, which then stayed in every later mixture): at equal reference time its 245 s are worth more
         # as VLM steps. The VLM stages at 1.39x the steps they had beside it, from one tower (seed 0): 0.702 against
         # 0.646 on one data draw, 0.692 against 0.692 on another (grounding 0.32 / 0.34 -> 0.50 / 0.56, chart
-        # 0.12 / 0.20 -> 0.26 / 0.30), and in a demo the warm-up's 148-326 s came off the top (README, sessions 29-30)
+        # 0.12 / 0.20 -> 0.26 / 0.30), and in a demo the warm-up's 148-326 s came off the top (demo log, sessions 29-30)
         Stage("vit_warmup", steps(76), d(captions=1, basics=1), trainable=["adapter"], lr={"adapter": 3e-3},
               **common),
         Stage("vit_finegrained", steps(534), d(basics=3, captions=1, scene_drills=1), lr=lr(1e-3),
@@ -181,7 +181,7 @@ def tiny(data_dir: str = "runs/tiny/data", out_dir: str = "runs", name: str = "t
         # math_cot here and in sft (0.2 / 0.3), so the thinking format is not new at longcot_sft: without them that
         # stage's loss started at ~8.6 (above a uniform guess's 6.9) and was still ~2 after its 86 steps; with them it
         # starts at ~0.15. From one tower (seeds 0 / 1): math_cot 0.66 / 0.48 -> 1.00 / 1.00, overall 0.639 / 0.559 ->
-        # 0.659 / 0.629 (README, session 21)
+        # 0.659 / 0.629 (demo log, session 21)
         Stage("pretrain_multitask", steps(890), d(captions=1, scene=1.5, scene_multi=0.5, scene_drills=2,
                                                   text_drills=2, text_in_image=1, basics=0.5, math_direct=0.5, text=0.7,
                                                   text_lists=1, motion=0.6, math_cot=0.2),
@@ -220,12 +220,12 @@ TINY_REFERENCE = Reference(
     probe_s=0.22, other_s=15.0, keep=("longcot_sft", "think_fusion_sft"), keep_reserve=0.2,
     # vit_read whole too: the default demos' math_direct followed its steps (219 / 400: 0.30, 238: 0.22, 307: 0.58,
     # 369: 0.96, 400: 1.00; ocr 0.42, 0.32, 0.40, 0.62, 0.60), the tower reading the equations it teaches; in slow
-    # hours the VLM stages take the cut instead (README, session 28). vit_dense whole as well: with 400 of its 600 steps
+    # hours the VLM stages take the cut (demo log, session 28). vit_dense whole as well: with 400 of its 600 steps
     # (as a slow hour's budget cut it) the VLM stages at full steps scored 0.676 / 0.654 against 0.706 / 0.708 (two
-    # data orders; math_cot 0.98 / 1.00 -> 0.80 / 0.68), more than its ~50 s buy as VLM steps (README, session 30)
+    # data orders; math_cot 0.98 / 1.00 -> 0.80 / 0.68), more than its ~50 s buy as VLM steps (demo log, session 30)
     fixed=("vit_dense", "vit_read"),
     # in a fast hour the VLM stages share the time to spare, up to twice their steps: at twice their steps held-out
-    # accuracy rose 0.54 -> 0.65 while twice the SAIL-ViT stages gave 0.55 (same data and seed, README session 17)
+    # accuracy rose 0.54 -> 0.65 while twice the SAIL-ViT stages gave 0.55 (same data and seed, demo log, session 17)
     grow=("vit_finegrained", "vit_world", "pretrain_basic", "pretrain_multitask", "sft", "longcot_sft",
           "think_fusion_sft"), max_grow=2.0,
     # the last stage (think_fusion_sft, the recipe's general mixture at a low lr) may take up to 4x: the machine sped up

@@ -10,7 +10,7 @@ or smaller than it needs to be in fast ones. `Budget` instead scales the stages'
   - when the whole recipe fits with time to spare, the stages named in `Reference.grow` share the spare time, less a
     reserve against the machine slowing down later (`Reference.grow_reserve`), up to `Reference.max_grow` times their
     steps (on the tiny demo, the VLM stages: twice their steps took held-out accuracy 0.54 -> 0.65, twice the
-    SAIL-ViT stages' 0.54 -> 0.55, README session 17), the last stage up to `Reference.last_max_grow` (planned when
+    SAIL-ViT stages' 0.54 -> 0.55, demo log, session 17), the last stage up to `Reference.last_max_grow` (planned when
     the others have run, it takes what a late speed-up leaves); the others run whole;
   - as each stage starts, the one factor for the stages left is recomputed from the seconds the finished ones really
     took (the probe is a guess; the stages are the truth), so an error in the first guess is corrected on the way;
@@ -20,7 +20,7 @@ Stage step counts (and so the schedules) are fixed when a stage starts and never
 `Reference.keep` are planned whole while the others can absorb the cut (on the tiny demo, the short thinking stages:
 squeezed, math_cot fell 0.82 -> 0.08), with a reserve of their time (`Reference.keep_reserve`) against the stages
 before them running slower than predicted; among the others one factor did better than sparing either the SAIL-ViT
-or the VLM stages (README, session 15).
+or the VLM stages (demo log, session 15).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Reference:
     max_grow: float = 1.0
     # the cap for the run's last stage when it grows (None: max_grow). It is planned when every other stage has run,
     # from their measured speed, and no stage after it can lose time to it: a machine that sped up late otherwise
-    # leaves time unused (a default demo: the thinking stages at their 2x cap, 108 s of the budget left, README
+    # leaves time unused (a default demo: the thinking stages at their 2x cap, 108 s of the budget left, demo log
     # session 23)
     last_max_grow: float | None = None
     # growing stages leave this fraction of the time the stages left need at full size unspent: the machine may slow

@@ -2,7 +2,7 @@
 
 SAIL-VL2's vision tower starts from a pretrained AIMv2; the tiny recipe has no pretrained tower, and a ViT
 learnt from scratch only through the LLM's answer tokens sees too little signal (one label per image) to
-learn shapes and characters in minutes (CALIBRATION.md; measured again in the README). This stream gives
+learn shapes and characters in minutes (CALIBRATION.md; measured again in docs/demo_log.md). This stream gives
 the ViT direct supervision instead: images drawn like the world's own (scenes of objects, text, tables,
 charts) with a label for every patch of the ViT's grid: what covers it (colour, shape or "char" / "bar",
 size, which character), and for images with text an image-level transcript (IMAGE_TEXT). The "read" kinds are
@@ -42,7 +42,7 @@ HEADS: dict[str, tuple[str, ...]] = {
 # the highest / lowest ("rank"), on the label, the bar and the value text alike; table: a cell's column and row
 # header letters ("key", "row_key"). The other heads say only what covers a patch, so a chart's label and its bar
 # are unrelated to them; these ask the tower to join them, so that the LLM finds an item's value (or a cell) by
-# one lookup instead of two. Measured (README, session 24): alone, table 0.575 -> 0.72 from such a tower, chart 0.28 ->
+# one lookup instead of two. Measured alone (demo log, session 24): table 0.575 -> 0.72 from that tower, chart 0.28 ->
 # 0.30; the whole tiny recipe 0.644 / 0.646 against 0.664 / 0.656 (the char head's accuracy 0.72 -> 0.66), so unused.
 BIND_HEADS: dict[str, tuple[str, ...]] = {
     "key": ("none", *CHARS),
@@ -63,7 +63,7 @@ KINDS = DENSE_KINDS + READ_KINDS
 # mean of all patch features, so every patch must carry what the image says. Measured: a ViT trained on single
 # character images this way lets the VLM learn single-character OCR in 300 steps (0.43-0.45), per-patch labels
 # alone do not (0.06); transcripts of the read kinds after vit_dense: 2-character OCR 0.02 -> 0.19 in the same
-# probe (README).
+# probe (docs/demo_log.md).
 IMAGE_TEXT = "image_text"
 TEXT_SLOTS = 8
 IGNORE = -100  # a label no loss counts

@@ -59,7 +59,7 @@ def chart_trace(spec: dict, question: str, args: list[str]) -> list[str]:
     N=8."), then for a difference the subtraction. A value is one token after its label (no space between: the
     tokenizer gives a space before a digit a token of its own), the layout in which a bare LLM learns lookups fastest
     (`benchmarks/induction.py`). `text_induction` teaches these lookups in this layout: chart alone then finds a named
-    label's value 0.95 through the trace, while the whole recipe still misreads the labels (README, session 28)."""
+    label's value 0.95 through the trace, while the whole recipe still misreads the labels (demo log, session 28)."""
     value = dict(zip(spec["labels"], spec["values"]))
     lines = ["From left to right: " + ", ".join(f"{lab}={v}" for lab, v in value.items()) + "."]
     if question in EXTREMES:
@@ -295,7 +295,7 @@ def text_recall(rng: random.Random, world: World):
     lookups stays at chance after 600 steps of lookups alone and reaches 0.99 when half the samples are repeats
     (`benchmarks/induction.py`; from the recipe's smaller initial weights at ~1,000 steps). In the synthetic world's
     chat format (this generator alone) it learns the repeats (0.99-1.00) but its lookups stay at 0.31-0.38 after 600
-    steps and 0.34 after 1,800 (README, session 26); not in the tiny recipe."""
+    steps and 0.34 after 1,800 (demo log, session 26); not in the tiny recipe."""
     if rng.random() < 0.5:
         run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(6, 12)))
         return make_record("text_recall", f"Repeat exactly: {run}", run, {"kind": "copy"}), []
@@ -317,8 +317,8 @@ def text_induction(rng: random.Random, world: World):
     (`benchmarks/induction.py`). In the sailvl trainer the tiny recipe's LLM learnt these lookups (0.99 after 1,200
     steps from the recipe's init: sessions 27-29's llm_warmup stage); from there, chart questions trained alone
     through the reading trace found a named label's value 0.95 (0.34 from an LLM warmed up on "X:9,A:4,Q:6.Q="
-    lookups, the layout this had before; README, session 28). The loss is on the completion: on every token, the toy
-    had not formed the heads by 1,000 steps (README, session 27)."""
+    lookups, the layout this had before; demo log, session 28). The loss is on the completion: on every token, the toy
+    had not formed the heads by 1,000 steps (demo log, session 27)."""
     if rng.random() < 0.5:
         run = "".join(rng.choice(RECALL_SYMBOLS) for _ in range(rng.randint(4, 12)))
         return {"task": "text_induction", "answer": run, "prompt": f"{run}.", "completion": run,

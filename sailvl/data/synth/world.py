@@ -71,35 +71,35 @@ class World:
     # typeset chart values and labels too (with text_grid > 0). Off by default: on the tiny demo (seed 0) it took
     # chart 0.20 -> 0.30 but the whole 0.55 -> 0.51 (table 0.60 -> 0.44, math_cot 0.76 -> 0.42), one run each; with
     # chart_font=20 (data, tokenizer, tower anew; seeds 0 / 1 / 2) 0.649 / 0.659 / 0.633 against 0.664 / 0.656 / 0.658,
-    # chart 0.26 / 0.22 / 0.18, table 0.34 / 0.32 / 0.32 against 0.44 (README, session 23)
+    # chart 0.26 / 0.22 / 0.18, table 0.34 / 0.32 / 0.32 against 0.44 (demo log, session 23)
     chart_typeset: bool = False
     max_operand: int = 9                       # arithmetic operands are 0..max_operand
     math_ops: tuple[str, ...] = ("+",)         # any of "+", "-", "*"
     chart_items: int = 3                       # bars / points per chart
     # font size of chart labels and values. 16 on the tiny demo (data, tokenizer, towers anew; seed 0): the tower read
-    # the labels 0.28-0.34 instead of 0.18-0.23, yet chart stayed 0.22 and the whole 0.579 vs 0.574 (README, session 20)
+    # the labels 0.28-0.34 not 0.18-0.23, yet chart stayed 0.22 and the whole 0.579 vs 0.574 (demo log, session 20)
     chart_font: int = 11
     # the letters chart labels come from: None, any of A-Z in any order; a string, a sorted sample of its letters
     # (left to right), as table headers are. "ABCDEF" on the tiny demo (data anew, one tower, seed 0): chart 0.22
-    # against 0.14 / 0.20 (two seeds), the whole within noise (README, session 21)
+    # against 0.14 / 0.20 (two seeds), the whole within noise (demo log, session 21)
     chart_letters: str | None = None
     # "read": chart questions ask for thinking, and the reply first reads the chart left to right inside <think>
     # ("Y=5, N=8, B=4."), then repeats each label the question names with its value ("B=4."; for a difference also the
     # subtraction), then gives the answer in \\boxed{} (the question without the short-answer suffix); "none": direct
     # answers. Measured alone (session-22 tower, 400
     # held out): the model's transcripts are exactly right 0.93-0.98, yet the values it writes after a named label are
-    # a random pick among the chart's (0.26-0.42 by run) and chart stays 0.27-0.34 against 0.28 direct (README,
+    # a random pick among the chart's (0.26-0.42 by run) and chart stays 0.27-0.34 against 0.28 direct (demo log,
     # session 26): what it lacks is the lookup, even in text, so the demo keeps direct answers
     chart_trace: str = "none"
     # text_drill's chart conversations also ask for each label by its place ("Which label is on the left?"): the
-    # labels read on their own, which the whole mixture's chart transcripts got wrong (README, session 28). Off in the
+    # labels read on their own, which the whole mixture's chart transcripts got wrong (demo log, session 28). Off in the
     # demo: the VLM stages from one tower (seed 0) 0.659 against 0.646, chart 0.16 against 0.12, the label by its
-    # place 0.17 on fresh charts (0.97 when trained alone; README, session 29)
+    # place 0.17 on fresh charts (0.97 when trained alone; demo log, session 29)
     chart_label_drill: bool = False
     # the most objects in a scene that a spatial-relation question asks about (vqa_spatial, vqa_yesno's relation
     # questions, the drills' and scene_qa's; None: max_objects, else at least 2). The tiny LLM compares two named
     # objects' places where the scene holds just those two (vqa_spatial alone: 0.77 on 2-object scenes, 0.39 on the
-    # world's 2-3-object ones, README session 21); finding both among three as well it does not learn in the budget
+    # world's 2-3-object ones, demo log, session 21); finding both among three as well it does not learn in the budget
     spatial_max_objects: int | None = None
     # where a vqa_spatial question (and the drills' and scene_qa's) names the object it asks about: "first" ("Is the
     # A left of, right of, above or below the B?") or "last" ("Relative to the B, is the A left, right, above or
@@ -131,7 +131,7 @@ class World:
     # records of the single-question scene tasks name the boxes of the objects their answer is about (`focus`,
     # sailvl.data.focus), for attention supervision in training (Stage.focus); the questions stay the same. Off in
     # the tiny demo: supervising head 0 of LLM layers 1 and 2 with them (the VLM stages from one tower, seed 0) gave
-    # 0.535 at weight 0.5 and 0.487 at weight 2 against 0.533 without (README, session 18)
+    # 0.535 at weight 0.5 and 0.487 at weight 2 against 0.533 without (demo log, session 18)
     focus: bool = False
 
     def __post_init__(self):
