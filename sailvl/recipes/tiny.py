@@ -36,7 +36,7 @@ VOCAB = 1024
 # answer-format suffix, drills; 4: typeset text; 5: short math_cot traces; 6: the motion group; 7: text_lists; 8: test
 # leaves out text_lists' questions; 9: the induction split; 10: its lookups laid out as the chart trace reads; 11:
 # splits drawn in chunks of their own RNG, by a process per CPU; the induction split since dropped, which leaves every
-# other file as it was; 12: charts labelled A, B, C, vqa_spatial in 2-object scenes)
+# other file as it was; 12: charts labelled A, B, C, spatial-relation questions about 2-object scenes)
 DATA_VERSION = 12
 
 
