@@ -24,6 +24,19 @@ def _read(root: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
 
 
+def _the(scene, ref: str):
+    """The one object a referring phrase ("large red circle", "red object", "square") names."""
+    words = [w for w in ref.split() if w != "object"]
+    found = [o for o in scene if all(w in (o.size, o.colour, o.shape) for w in words)]
+    assert len(found) == 1, (ref, scene)
+    return found[0]
+
+
+def _rel(a, b) -> str:
+    dx, dy = a.x - b.x, a.y - b.y
+    return ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+
+
 def _draws(task: str, n: int, seed: int = 0, world: World | None = None):
     rng = random.Random(seed)
     return [sample(task, rng, world=world) for _ in range(n)]
@@ -163,9 +176,7 @@ def test_spatial_and_compare_answers():
     for record, _ in _draws("vqa_spatial", 40):
         m = record["meta"]
         a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
-        dx, dy = a.x - b.x, a.y - b.y
-        expect = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
-        assert record["answer"] == expect
+        assert record["answer"] == _rel(a, b)
     for record, _ in _draws("vqa_compare", 40):
         m = record["meta"]
         a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
@@ -443,9 +454,7 @@ def test_spatial_max_objects():
     for record, _ in _draws("vqa_spatial", 20, world=two):  # still the relation of the first named to the second
         m = record["meta"]
         a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
-        dx, dy = a.x - b.x, a.y - b.y
-        assert record["answer"] == (("left" if dx < 0 else "right") if abs(dx) > abs(dy)
-                                    else ("above" if dy < 0 else "below"))
+        assert record["answer"] == _rel(a, b)
     for bad in (1, 4):
         with pytest.raises(ValueError, match="spatial_max_objects"):
             World(spatial_max_objects=bad)
@@ -459,12 +468,10 @@ def test_spatial_subject():
                                       r"below\?")):
         for record, _ in _draws("vqa_spatial", 30, world=World(spatial_subject=subject, answer_suffix=False)):
             m, q = record["meta"], re.fullmatch(pattern, record["conversations"][0]["value"])
-            a, b = _objs([m["scene"][m["a"]], m["scene"][m["b"]]])
-            for phrase, o in ((q["a"], a), (q["b"], b)):  # each phrase names its object ("green object": colour only)
-                assert all(w in (o.size, o.colour, o.shape, "object") for w in phrase.split()), (phrase, o)
-            dx, dy = a.x - b.x, a.y - b.y
-            assert record["answer"] == (("left" if dx < 0 else "right") if abs(dx) > abs(dy)
-                                        else ("above" if dy < 0 else "below"))
+            scene = _objs(m["scene"])
+            a, b = scene[m["a"]], scene[m["b"]]
+            assert (_the(scene, q["a"]), _the(scene, q["b"])) == (a, b)  # each phrase names its object
+            assert record["answer"] == _rel(a, b)
     with pytest.raises(ValueError, match="spatial_subject"):
         World(spatial_subject="middle")
 

@@ -9,20 +9,7 @@ import pytest
 from sailvl.data.synth import World, generate_splits
 from sailvl.data.synth.world import SHORT_ANSWER_SUFFIX
 
-from .test_synth import _draws, _objs, _read
-
-
-def _the(scene, ref: str):
-    """The one object a referring phrase ("large red circle", "red object", "square") names."""
-    words = [w for w in ref.split() if w != "object"]
-    found = [o for o in scene if all(w in (o.size, o.colour, o.shape) for w in words)]
-    assert len(found) == 1, (ref, scene)
-    return found[0]
-
-
-def _rel(a, b) -> str:
-    dx, dy = a.x - b.x, a.y - b.y
-    return ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+from .test_synth import _draws, _objs, _read, _rel, _the
 
 
 def _scene_reply(text: str, scene) -> tuple[str, str | None]:

@@ -75,9 +75,10 @@ TYPESET = dict(text_grid=4, ocr_font=(26, 26), equation_font=(18, 18))
 # math_cot's think trace is two lines ("The image shows a + b." / "So a + b = c."): the count-up trace was copied
 # wrongly (math_cot 0.22 held-out) while the short one reaches 0.76 in the same demo (demo log, session 11).
 # Charts have the fixed categories A, B, C left to right (World.chart_letters): with labels drawn from all 26 letters
-# the tiny LLM never found a named label's bar, and chart stayed at chance in every run of sessions 20-30 (0.12-0.20
-# against 0.12-0.16). Spatial-relation questions are asked about 2-object scenes only (World.spatial_max_objects):
-# among three objects vqa_spatial stayed at chance (0.30-0.40 against 0.28-0.32). From one tower (seed 0): 0.739
+# the tiny LLM did not find a named label's bar, and chart stayed at or near chance in sessions 20-30 (0.12-0.30
+# against 0.12-0.16; 0.16-0.18 in session 30). Spatial-relation questions are asked about 2-object scenes only
+# (World.spatial_max_objects): among three objects vqa_spatial stayed near chance (mostly 0.30-0.42, at most 0.54,
+# against 0.28-0.32). From one tower (seed 0): 0.739
 # against 0.706 / 0.708 before, chart 0.62 (chance 0.22), vqa_spatial 0.46 (chance 0.30; 0.52 / 0.40 on another
 # draw with only vqa_spatial's own scenes bounded): the relation's axis is named right 50 of 50 times, its side
 # still at random (demo log, session 31)
